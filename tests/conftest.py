@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import inference  # noqa: F401  (loads the optimized BLAS before any test imports mlx)
+
 import pytest
 
 # Fixture modules: each builds one kind of tiny random model or test asset, with no download.
@@ -13,7 +15,9 @@ pytest_plugins = [
 
 
 @pytest.fixture(autouse=True)
-def isolated_data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_data_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """Point the appliance's data and model dirs at a temp folder for every test."""
     root = tmp_path_factory.mktemp("data")
     monkeypatch.setenv("RAG_DATA_DIR", str(root))
