@@ -13,7 +13,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,10 +77,8 @@ def default_chat_model_entry(dtype: ModelDtype = DEFAULT_DTYPE) -> ChatModelEntr
 def list_chat_models(dtype: ModelDtype = DEFAULT_DTYPE) -> list[ChatModelEntry]:
     """The default model (when installed) and every model folder or GGUF in the user's model dir."""
     entries: list[ChatModelEntry] = []
-    try:
+    with suppress(ModelNotFoundError):
         entries.append(default_chat_model_entry(dtype))
-    except ModelNotFoundError:
-        pass
     user_dir = model_dir()
     if user_dir is not None and user_dir.is_dir():
         for path in sorted(user_dir.iterdir()):
