@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from rag import doctor, models_cli
+from rag import ask, doctor, models_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (doctor, models_cli):
+    for module in (ask, doctor, models_cli):
         module.add_parser(subparsers)
     return parser
 
