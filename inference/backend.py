@@ -1,0 +1,113 @@
+"""What every generation backend speaks: requests in, streamed chunks out.
+
+The local MLX engine (engine.py) implements `GenerationBackend`; a remote OpenAI-compatible server
+can implement it later (scale-out), so the HTTP layer and `rag ask` depend on this file only.
+
+    backend.apply_chat_template(messages) -> prompt ids
+    backend.submit(GenerationRequest(prompt_ids, sampling, stop)) -> GenerationStream
+    for chunk in stream / async for chunk in stream: chunk.text, chunk.finish_reason, chunk.usage
+
+Ignores: how tokens are computed, batched or scheduled, and where the model runs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from inference.sampling import SamplingParams, TokenLogprobs
+from inference.stopping import StopParams
+
+# OpenAI's "stop" and "length", plus "cancelled" for a request that left before finishing.
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+def make_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion to generate from prompt token ids."""
+
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: StopParams = field(default_factory=StopParams)
+    request_id: str = field(default_factory=make_request_id)
+    ignore_eos: bool = False  # True: the model's EOS tokens do not stop it (benchmarks)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))
+        if not self.prompt_ids:
+            raise ValueError("prompt_ids must not be empty")
+        if any(not isinstance(t, int) or t < 0 for t in self.prompt_ids):
+            raise ValueError("prompt_ids must be token ids >= 0")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of a request so far (OpenAI's usage, with cached prompt tokens)."""
+
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from a prefix cache
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """What one step adds to a request: text safe to show, the tokens, and maybe the end."""
+
+    request_id: str
+    text: str  # never splits a UTF-8 character; may be "" (held back by a possible stop string)
+    token_ids: tuple[int, ...]
+    usage: Usage
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that matched
+    logprobs: tuple[TokenLogprobs, ...] = ()
+
+
+class GenerationError(RuntimeError):
+    """The backend failed while generating; raised to the stream's consumer."""
+
+
+@runtime_checkable
+class GenerationStream(Protocol):
+    """One request's chunks, for a thread (`for`) or an asyncio task (`async for`)."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    def __iter__(self) -> Iterator[GenerationChunk]: ...
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]: ...
+
+    def cancel(self) -> None:
+        """The consumer is gone: stop generating (the stream ends with "cancelled")."""
+        ...
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """A model that generates: its name, its tokenizer's view, and submit."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt plus completion tokens one request may hold."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Chat messages ({"role", "content"}) -> prompt token ids, with the model's template."""
+        ...
+
+    def submit(self, request: GenerationRequest) -> GenerationStream: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,373 @@
+"""Generation engine: one dedicated MLX thread runs continuous batching for one model.
+
+Callers on any thread (an HTTP event loop, `rag ask`) call `submit()` and read the returned stream;
+the engine thread owns every MLX array, the scheduler and the KV cache, and loops:
+
+    1. take in new requests and cancellations (sleep while there is nothing to do)
+    2. schedule: which requests run this step and how many tokens each (scheduler.py)
+    3. run: launch the step's forward passes over the slot KV cache (runner.py); a request's
+       input may be the token the previous step is still sampling
+    5. stop and detokenize the previous step's tokens (stop tokens and strings, max_tokens,
+       UTF-8-safe text) while this step computes
+    6. deliver: one chunk per token to its stream; finished requests leave the batch
+    4. sample this step: each request's fp32 distribution, one seeded draw (sampling.py), now
+       that the histories its penalties read are complete
+
+So Python's work for one step overlaps the model's work for the next, as mlx-lm's generate_step
+does; a request that stops has one wasted token computed. A long prompt is prefilled in
+budget-sized chunks beside the running decodes, so it never freezes the other streams; a
+cancelled request leaves the batch at the next step scheduled after the cancel.
+
+Ignores: HTTP and chat formats (callers pass token ids; `apply_chat_template` helps), prefix
+caching (every prompt is computed), speculative decoding, and several models (one engine, one
+model; a pool of engines is the model pool's job).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inference.backend import GenerationChunk, GenerationError, GenerationRequest, Usage
+from inference.engine_requests import RequestState
+from inference.engine_stream import GenerationHandle
+from inference.engine_types import ContextLengthError, EngineClosedError, EngineConfig, StepRecord
+from inference.runner import ModelRunner, RunnerConfig, RunOutput
+from inference.sampling import compute_logprobs, compute_probs, sample
+from inference.scheduler import CountingKVCapacity, ScheduledStep, Scheduler
+
+import mlx.core as mx
+import mlx.nn as nn
+
+__all__ = [
+    "ContextLengthError",
+    "Engine",
+    "EngineClosedError",
+    "EngineConfig",
+    "GenerationChunk",
+    "GenerationHandle",
+    "GenerationRequest",
+    "StepRecord",
+    "Usage",
+]
+
+DEFAULT_MAX_MODEL_LEN = 4096  # for models whose config names no context length
+CLEAR_CACHE_EVERY = 256  # steps between returning MLX's freed buffers to the system
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its forward passes (and later its sampling) compute in the background."""
+
+    step: ScheduledStep
+    out: RunOutput
+    started: float
+    states: list[RequestState] | None = None  # the requests sampled, one per row of tokens
+    tokens: mx.array | None = None  # (rows,) lazy
+    logits: mx.array | None = None  # the rows sampled, for logprobs
+
+
+class Engine:
+    """A continuous-batching generator for one mlx-lm model; implements GenerationBackend."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        config: EngineConfig | None = None,
+        model_name: str = "model",
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self._model_name = model_name
+        self._tokenizer = tokenizer
+        # The Rust tokenizer decodes fastest; transformers' wrapper is the fallback.
+        self._decoder = getattr(tokenizer, "backend_tokenizer", None) or tokenizer
+        eos = getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id}
+        self._eos_token_ids = tuple(sorted(t for t in eos if t is not None))
+        args = getattr(model, "args", None)
+        self._vocab_size: int | None = getattr(args, "vocab_size", None)
+        self._max_model_len = self.config.max_model_len or int(
+            getattr(args, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
+        )
+        max_kv_tokens = self.config.max_kv_tokens or self.config.max_num_seqs * self._max_model_len
+        if max_kv_tokens < self._max_model_len:
+            raise ValueError(
+                f"max_kv_tokens ({max_kv_tokens}) must hold one request of max_model_len "
+                f"({self._max_model_len}) tokens"
+            )
+        self._runner = ModelRunner(
+            model,
+            RunnerConfig(
+                num_slots=self.config.max_num_seqs,
+                pass_cost_tokens=self.config.pass_cost_tokens,
+            ),
+        )
+        self._scheduler = Scheduler(
+            self.config.scheduler_config(), CountingKVCapacity(max_kv_tokens)
+        )
+        self._on_step = on_step
+        self._states: dict[str, RequestState] = {}  # engine thread only
+        self._num_steps = 0
+
+        # Shared with callers' threads, under _lock.
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._inbox: list[tuple[GenerationRequest, GenerationHandle]] = []
+        self._cancelled: set[str] = set()
+        self._active_ids: set[str] = set()
+        self._closing = False
+        self._failure: GenerationError | None = None  # set when the thread has stopped
+        self._thread = threading.Thread(target=self._run, name=f"engine-{model_name}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | Path,
+        *,
+        config: EngineConfig | None = None,
+        model_name: str | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> Engine:
+        """Load an mlx-lm model folder and start an engine on it."""
+        from mlx_lm import load
+
+        model, tokenizer = load(str(path))
+        name = model_name or Path(path).name
+        return cls(model, tokenizer, config=config, model_name=name, on_step=on_step)
+
+    # -- GenerationBackend ---------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos_token_ids
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    ) -> list[int]:
+        ids = self._tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tokenize=True
+        )
+        return list(ids)
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        """Queue a request; its chunks arrive on the returned stream."""
+        num_prompt = len(request.prompt_ids)
+        if num_prompt >= self._max_model_len:
+            raise ContextLengthError(
+                f"prompt has {num_prompt} tokens; {self._model_name} holds {self._max_model_len} "
+                "in all, which leaves no room to generate"
+            )
+        if self._vocab_size is not None and max(request.prompt_ids) >= self._vocab_size:
+            raise ValueError(
+                f"prompt token id {max(request.prompt_ids)} is outside the vocabulary "
+                f"(size {self._vocab_size})"
+            )
+        handle = GenerationHandle(request.request_id, self.cancel)
+        with self._lock:
+            if self._failure is not None:
+                raise self._failure
+            if self._closing:
+                raise EngineClosedError(f"engine {self._model_name} is closed")
+            if request.request_id in self._active_ids:
+                raise ValueError(f"request id {request.request_id!r} is already in flight")
+            self._active_ids.add(request.request_id)
+            self._inbox.append((request, handle))
+            self._wakeup.notify()
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        """Drop the request at the next step (a no-op once it finished)."""
+        with self._lock:
+            if request_id in self._active_ids:
+                self._cancelled.add(request_id)
+                self._wakeup.notify()
+
+    def close(self) -> None:
+        """Stop the engine thread; unfinished streams end with EngineClosedError."""
+        with self._lock:
+            self._closing = True
+            self._wakeup.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        error: GenerationError = EngineClosedError(f"engine {self._model_name} was closed")
+        in_flight: _InFlight | None = None
+        try:
+            while self._take_inbox(wait=in_flight is None):
+                # 2-3. Schedule and launch the next step; it computes while ...
+                launched = self._launch()
+                # 5-6. ... the step before is stopped, detokenized and delivered.
+                if in_flight is not None:
+                    self._complete(in_flight)
+                # 4. Sample the new step, with every history up to date.
+                in_flight = self._sample(launched) if launched is not None else None
+        except Exception as exc:  # a bug or an MLX failure: every stream learns of it
+            error = GenerationError(f"engine {self._model_name} failed: {exc!r}")
+            error.__cause__ = exc
+        finally:
+            with self._lock:
+                self._failure = error
+                pending = [handle for _, handle in self._inbox]
+                self._inbox.clear()
+            for handle in pending + [state.handle for state in self._states.values()]:
+                handle.fail(error)
+            self._states.clear()
+
+    def _take_inbox(self, *, wait: bool) -> bool:
+        """Step 1: admit new requests and drop cancelled ones; False once closing."""
+        if wait and not self._states:
+            mx.clear_cache()  # going idle: hand freed buffers back
+        with self._lock:
+            while wait and not (self._closing or self._inbox or self._cancelled or self._states):
+                self._wakeup.wait()
+            if self._closing:
+                return False
+            new, self._inbox = self._inbox, []
+            cancelled, self._cancelled = self._cancelled, set()
+        for request, handle in new:
+            self._states[request.request_id] = RequestState.make(
+                request,
+                handle,
+                decoder=self._decoder,
+                eos_token_ids=self._eos_token_ids,
+                max_model_len=self._max_model_len,
+            )
+            self._scheduler.add_request(request.request_id, len(request.prompt_ids))
+        for request_id in cancelled:
+            self._abort(request_id)
+        return True
+
+    def _abort(self, request_id: str) -> None:
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return  # finished in the meantime
+        self._scheduler.abort(request_id)
+        self._runner.release(request_id)
+        self._forget([request_id])
+        state.handle.put(state.cancelled_chunk())
+
+    def _forget(self, request_ids: Sequence[str]) -> None:
+        if not request_ids:
+            return
+        with self._lock:
+            self._active_ids.difference_update(request_ids)
+
+    def _launch(self) -> _InFlight | None:
+        """Steps 2-3: schedule, build the forward passes and start computing them."""
+        if not self._states:
+            return None
+        started = time.perf_counter()
+        step = self._scheduler.schedule()
+        if not step.items:
+            return None
+        states = [self._states[rid] for rid in step.request_ids]
+        out = self._runner.execute(
+            step,
+            {state.request_id: state.token_ids for state in states},
+            {s.request_id: s.pending for s in states if s.pending is not None},
+        )
+        assert len(set(out.request_ids)) == len(out.request_ids), "one token per request per step"
+        outputs = [] if out.logits is None else [out.logits]
+        mx.async_eval(*outputs, *self._runner.cache.arrays())
+        return _InFlight(step, out, started)
+
+    def _sample(self, launched: _InFlight) -> _InFlight:
+        """Step 4: draw one token per request that reached its last token; start computing it."""
+        out = launched.out
+        # A request may have stopped or been cancelled since its step was scheduled.
+        rows = [i for i, rid in enumerate(out.request_ids) if rid in self._states]
+        if out.logits is None or not rows:
+            launched.states = []
+            return launched
+        logits = out.logits if len(rows) == len(out.request_ids) else out.logits[mx.array(rows)]
+        states = [self._states[out.request_ids[i]] for i in rows]
+        probs = compute_probs(
+            logits,
+            [state.sampling for state in states],
+            [state.request.prompt_ids for state in states],
+            [state.output_ids for state in states],
+        )
+        tokens = sample(probs, [state.seed for state in states], [out.positions[i] for i in rows])
+        mx.async_eval(tokens)
+        for row, state in enumerate(states):
+            state.pending = tokens[row]  # the next step's input, before its value is known
+            self._scheduler.record_output(state.request_id, 1)
+        launched.states, launched.tokens, launched.logits = states, tokens, logits
+        return launched
+
+    def _complete(self, done: _InFlight) -> None:
+        """Steps 5-6: wait for the step's tokens; stop, detokenize and deliver them."""
+        states = done.states or []
+        if done.tokens is None:
+            mx.eval(self._runner.cache.arrays())  # a prefill-only step: don't run ahead of it
+            token_ids: list[int] = []
+        else:
+            token_ids = done.tokens.tolist()
+        logprobs: list[Any] = [None] * len(states)
+        if done.logits is not None and any(state.sampling.logprobs for state in states):
+            params = [state.sampling for state in states]
+            logprobs = compute_logprobs(done.logits, token_ids, params)
+
+        chunks: list[tuple[GenerationHandle, GenerationChunk]] = []
+        sampled: dict[str, int] = {}
+        finished: list[str] = []
+        for state, token_id, token_logprobs in zip(states, token_ids, logprobs, strict=True):
+            if state.request_id not in self._states:
+                continue  # cancelled while its token was computed
+            sampled[state.request_id] = token_id
+            chunk = state.accept(token_id, token_logprobs)
+            if chunk.finish_reason is not None:
+                self._scheduler.finish(state.request_id)
+                self._runner.release(state.request_id)
+                del self._states[state.request_id]
+                finished.append(state.request_id)
+            chunks.append((state.handle, chunk))
+        self._forget(finished)  # before delivery: a caller may reuse the id at once
+        for handle, chunk in chunks:
+            handle.put(chunk)
+
+        self._num_steps += 1
+        if self._num_steps % CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
+        if self._on_step is not None:
+            self._on_step(
+                StepRecord(
+                    index=self._num_steps - 1,
+                    items=done.step.items,
+                    preempted_ids=done.step.preempted_ids,
+                    sampled=sampled,
+                    finished_ids=tuple(finished),
+                    num_passes=done.out.num_passes,
+                    duration_s=time.perf_counter() - done.started,
+                )
+            )

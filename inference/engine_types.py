@@ -1,0 +1,57 @@
+"""The engine's boundary types: its config, the record of one step, and its errors.
+
+Ignores: everything the engine does with them (engine.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from inference.backend import GenerationError
+from inference.runner import RunnerConfig
+from inference.scheduler import ScheduledItem, SchedulerConfig
+
+
+class ContextLengthError(ValueError):
+    """The prompt leaves no room to generate within the model's context (OpenAI's 400)."""
+
+
+class EngineClosedError(GenerationError):
+    """The engine was closed before the request finished."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching limits of one engine; the server's flags mirror these fields."""
+
+    max_num_seqs: int = 16  # requests decoding at once
+    max_num_batched_tokens: int = 256  # tokens through the model per step (the prefill chunk)
+    max_model_len: int | None = None  # prompt + completion; None: the model's own limit
+    max_kv_tokens: int | None = None  # KV budget; None: max_num_seqs * max_model_len
+    pass_cost_tokens: int = 8  # padding vs another forward pass; see RunnerConfig
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_kv_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 2):
+                raise ValueError(f"{name} must be an int >= 2 or None, got {value!r}")
+        # SchedulerConfig and RunnerConfig check the rest.
+        self.scheduler_config()
+        RunnerConfig(num_slots=self.max_num_seqs, pass_cost_tokens=self.pass_cost_tokens)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one engine step did, for tests and metrics (the callback runs on the engine thread)."""
+
+    index: int
+    items: tuple[ScheduledItem, ...]
+    preempted_ids: tuple[str, ...]
+    sampled: Mapping[str, int]  # request id -> the token it got this step
+    finished_ids: tuple[str, ...]
+    num_passes: int
+    duration_s: float
