@@ -37,6 +37,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="cores each side may use")
     parser.add_argument("--streams", type=int, default=2, help="our parallel MLX streams")
+    parser.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="our padded-token budget per batch "
+        "(default: room for batch-size rows of any length, the same batches as the reference)",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--model", type=Path, default=None, help="default: the packaged MiniLM")
     parser.add_argument("--latency-batches", type=int, default=5)
@@ -107,8 +114,9 @@ def run_ours(path: Path, passages: list[str], args: argparse.Namespace) -> dict:
     import mlx.core as mx
 
     start = time.perf_counter()
+    batch_tokens = args.batch_tokens or args.batch_size * 512
     embedder = Embedder.load(
-        path, batch_tokens=args.batch_size * 512, max_batch=args.batch_size, streams=args.streams
+        path, batch_tokens=batch_tokens, max_batch=args.batch_size, streams=args.streams
     )
     if args.dtype != "float32":
         embedder.model.set_dtype(getattr(mx, args.dtype))
@@ -122,6 +130,7 @@ def run_ours(path: Path, passages: list[str], args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "blas": f"{blas.name} {_openblas_core(blas.path)}".strip(),
         "streams": args.streams,
+        "batch_tokens": batch_tokens,
         "blas_threads": int(os.environ["OPENBLAS_NUM_THREADS"]),
         "load_s": round(load_s, 2),
         "tokens_per_s": round(num_tokens / result["seconds"], 1),
