@@ -36,9 +36,8 @@ class Check:
 def _check_runtime() -> list[Check]:
     report = runtime_report()
     blas = report.blas
-    blas_detail = (
-        f"{blas.name} ({blas.path or blas.detail}), fp32 matmul {report.matmul_gflops:.1f} GFLOP/s"
-    )
+    where = f"{blas.path}, {blas.detail}" if blas.path else blas.detail
+    blas_detail = f"{blas.name} ({where}), fp32 matmul {report.matmul_gflops:.1f} GFLOP/s"
     return [
         Check("python", OK, report.python),
         Check("mlx", OK, f"{report.mlx} (mlx-lm {report.mlx_lm})"),

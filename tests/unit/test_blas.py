@@ -49,3 +49,20 @@ def test_default_discovery_loads_openblas_when_installed() -> None:
         assert not status["optimized"] and "no OpenBLAS found" in status["detail"]
     else:
         assert status["optimized"] and status["name"] == "openblas"
+
+
+def test_coretype_follows_cpu_flags() -> None:
+    from inference.blas import openblas_coretype
+
+    avx512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "sse3"}
+    assert openblas_coretype(avx512) == "SkylakeX"
+    assert openblas_coretype({"avx2", "fma", "sse3"}) == "Haswell"
+    assert openblas_coretype({"avx512f", "avx2", "sse3"}) is None  # partial AVX-512, no FMA
+    assert openblas_coretype(set()) is None
+
+
+def test_users_coretype_setting_wins() -> None:
+    code = "import os, inference; print(os.environ['OPENBLAS_CORETYPE'])"
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Prescott"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "Prescott"
