@@ -4,7 +4,7 @@
 #   bash scripts/demo.sh ["question"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-question=${1:-"When are the public observing nights held, and what does a ticket cost?"}
+question=${1:-"When are the public observing nights held?"}
 bash scripts/setup.sh
 printf '\033[1m== indexing examples/docs\033[0m\n'
 .venv/bin/ingest examples/docs
