@@ -35,7 +35,13 @@ from typing import Any
 from inference.backend import GenerationChunk, GenerationError, GenerationRequest, Usage
 from inference.engine_requests import RequestState
 from inference.engine_stream import GenerationHandle
-from inference.engine_types import ContextLengthError, EngineClosedError, EngineConfig, StepRecord
+from inference.engine_types import (
+    ContextLengthError,
+    EngineClosedError,
+    EngineConfig,
+    EngineLoad,
+    StepRecord,
+)
 from inference.runner import ModelRunner, RunnerConfig, RunOutput
 from inference.sampling import compute_logprobs, compute_probs, sample
 from inference.scheduler import CountingKVCapacity, ScheduledStep, Scheduler
@@ -48,6 +54,7 @@ __all__ = [
     "Engine",
     "EngineClosedError",
     "EngineConfig",
+    "EngineLoad",
     "GenerationChunk",
     "GenerationHandle",
     "GenerationRequest",
@@ -121,6 +128,7 @@ class Engine:
         self._inbox: list[tuple[GenerationRequest, GenerationHandle]] = []
         self._cancelled: set[str] = set()
         self._active_ids: set[str] = set()
+        self._num_running = 0  # as of the last step
         self._closing = False
         self._failure: GenerationError | None = None  # set when the thread has stopped
         self._thread = threading.Thread(target=self._run, name=f"engine-{model_name}", daemon=True)
@@ -195,6 +203,12 @@ class Engine:
             self._inbox.append((request, handle))
             self._wakeup.notify()
         return handle
+
+    def load(self) -> EngineLoad:
+        """Requests waiting for a place in the batch and requests in it, as of the last step."""
+        with self._lock:
+            num_running = min(self._num_running, len(self._active_ids))
+            return EngineLoad(len(self._active_ids) - num_running, num_running)
 
     def cancel(self, request_id: str) -> None:
         """Drop the request at the next step (a no-op once it finished)."""
@@ -353,6 +367,8 @@ class Engine:
                 finished.append(state.request_id)
             chunks.append((state.handle, chunk))
         self._forget(finished)  # before delivery: a caller may reuse the id at once
+        with self._lock:
+            self._num_running = len(self._scheduler.running_ids)
         for handle, chunk in chunks:
             handle.put(chunk)
 

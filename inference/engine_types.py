@@ -45,6 +45,14 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class EngineLoad:
+    """How busy the engine is now, for metrics and routing (a snapshot; read on any thread)."""
+
+    num_waiting: int  # submitted, not yet admitted to the batch (incl. preempted ones)
+    num_running: int  # in the batch: prefilling or decoding
+
+
+@dataclass(frozen=True)
 class StepRecord:
     """What one engine step did, for tests and metrics (the callback runs on the engine thread)."""
 

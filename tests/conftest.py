@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fixtures.tiny_llama",
     "tests.fixtures.tiny_bert",
     "tests.fixtures.ingest_fakes",
+    "tests.fixtures.live_server",
 ]
 
 

@@ -1,0 +1,105 @@
+"""`rag serve`: load the models once, then answer HTTP on 127.0.0.1:8000 until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from inference.chat_model import ModelNotFoundError
+from inference.engine import EngineConfig
+
+from rag.server.settings import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
+
+API_KEYS_ENV = "RAG_API_KEYS"  # comma-separated; an env var keeps keys out of `ps` output
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    defaults = EngineConfig()
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the OpenAI/Anthropic-compatible API and the document Q&A page",
+        description="Load the chat model, the embedder and the index, then serve "
+        "/v1/chat/completions, /v1/messages, /v1/embeddings, /v1/rerank, the RAG routes and the "
+        "web page at /.",
+    )
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
+    parser.add_argument(
+        "--model", help="chat model: a folder, a .gguf, or a name in $RAG_MODEL_DIR"
+    )
+    parser.add_argument("--embedder", type=Path, help="embedding model folder (default: packaged)")
+    parser.add_argument("--reranker", type=Path, help="cross-encoder folder (BERT / XLM-R)")
+    parser.add_argument("--db", type=Path, help="index file (default: $RAG_DATA_DIR/index.sqlite3)")
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=defaults.max_num_seqs,
+        help="requests decoding at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=defaults.max_num_batched_tokens,
+        help="tokens per engine step, the prefill chunk (default: %(default)s)",
+    )
+    parser.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser calls from ORIGIN (repeatable; default: CORS off)",
+    )
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    parser.set_defaults(run=run)
+
+
+def settings_from(args: argparse.Namespace) -> ServerSettings:
+    keys = tuple(k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip())
+    return ServerSettings(
+        host=args.host, port=args.port, api_keys=keys, cors_origins=tuple(args.cors_origin)
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rag.server.app import create_app
+    from rag.server.loading import LoadOptions, load_services
+    from rag.server.log_format import configure_logging
+
+    configure_logging(json_lines=args.log_json, verbose=args.verbose)
+    try:
+        settings = settings_from(args)
+        engine = EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+        )
+        options = LoadOptions(
+            model=args.model,
+            embedder=args.embedder,
+            reranker=args.reranker,
+            index_path=args.db,
+            engine=engine,
+        )
+        services = load_services(options)
+    except (ValueError, ModelNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+        log.warning("serving on %s without API keys: set %s", settings.host, API_KEYS_ENV)
+    app = create_app(services, settings)
+    print(f"serving on http://{settings.host}:{settings.port}  (Ctrl-C stops)", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    finally:
+        services.close()
+    return 0

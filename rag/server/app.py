@@ -1,0 +1,69 @@
+"""The FastAPI app: routers, error shapes, and the middleware stack around them.
+
+request -> access log + metrics -> body size limit -> API key -> CORS -> routes
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from rag.server import (
+    routes_anthropic,
+    routes_documents,
+    routes_embeddings,
+    routes_openai,
+    routes_ops,
+    routes_rag,
+    routes_rerank,
+    web,
+)
+from rag.server.access_log import AccessLogMiddleware
+from rag.server.auth import APIKeyMiddleware
+from rag.server.errors import install_error_handlers
+from rag.server.limits import BodySizeLimitMiddleware
+from rag.server.services import Services
+from rag.server.settings import ServerSettings
+
+API_VERSION = "0.1.0"
+
+
+def create_app(services: Services, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    app = FastAPI(
+        title="MLX RAG appliance",
+        version=API_VERSION,
+        description="OpenAI- and Anthropic-compatible local inference, embeddings, rerank and RAG.",
+    )
+    app.state.services = services
+    app.state.settings = settings
+    install_error_handlers(app)
+    for module in (
+        routes_ops,
+        routes_openai,
+        routes_anthropic,
+        routes_embeddings,
+        routes_rerank,
+        routes_rag,
+        routes_documents,
+        web,
+    ):
+        app.include_router(module.router)
+
+    # Added innermost first: the last one added sees the request first.
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["authorization", "x-api-key", "content-type", "anthropic-version"],
+        )
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_request_bytes=settings.max_request_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
+    assert services.metrics is not None
+    app.add_middleware(AccessLogMiddleware, metrics=services.metrics)
+    return app

@@ -1,0 +1,136 @@
+"""What the server serves: the loaded models and the index, shared by every route.
+
+    Services
+      models    ModelRegistry: chat backends by name (one MLX engine today; the model pool later)
+      embedder  TextEmbedder or None          reranker  Reranker or None
+      index_path  the sqlite-vec index of the RAG and document routes, or None
+      encoder   EncoderWorker: the one thread that runs embedder and reranker calls
+      metrics   ServerMetrics
+
+Ignores: HTTP (routes), loading models from disk (loading.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from inference.backend import GenerationBackend
+
+from ingest.protocols import TextEmbedder
+from rag.reranking import Reranker
+from rag.server.errors import APIError
+from rag.server.metrics import ServerMetrics
+
+T = TypeVar("T")
+
+
+class ModelRegistry(Protocol):
+    """Chat models by the name clients send in `model`."""
+
+    @property
+    def default_name(self) -> str: ...
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str | None) -> GenerationBackend:
+        """The backend for `name` (None: the default); raises APIError 404 for an unknown one."""
+        ...
+
+    def load(self) -> dict[str, tuple[int, int]]:
+        """Model name -> (requests waiting, requests running), for /metrics."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class StaticModelRegistry:
+    """Backends loaded up front and kept for the server's life."""
+
+    def __init__(self, backends: Sequence[GenerationBackend], *, aliases: Mapping[str, str] = {}):
+        if not backends:
+            raise ValueError("at least one chat model is needed")
+        self._backends = {b.model_name: b for b in backends}
+        self._aliases = dict(aliases)
+        self._default = backends[0].model_name
+
+    @property
+    def default_name(self) -> str:
+        return self._default
+
+    def names(self) -> list[str]:
+        return list(self._backends)
+
+    def get(self, name: str | None) -> GenerationBackend:
+        if not name:
+            return self._backends[self._default]
+        name = self._aliases.get(name, name)
+        backend = self._backends.get(name)
+        if backend is None:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; available: {', '.join(self._backends)}",
+                param="model",
+                code="model_not_found",
+            )
+        return backend
+
+    def load(self) -> dict[str, tuple[int, int]]:
+        loads: dict[str, tuple[int, int]] = {}
+        for name, backend in self._backends.items():
+            probe = getattr(backend, "load", None)
+            if callable(probe):
+                snapshot = probe()
+                loads[name] = (snapshot.num_waiting, snapshot.num_running)
+        return loads
+
+    def close(self) -> None:
+        for backend in self._backends.values():
+            backend.close()
+
+
+class EncoderWorker:
+    """One thread for embedder and reranker calls: they run beside the engine, never block the loop."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, *args)
+
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        """The same thread, from synchronous code (e.g. a streaming worker thread)."""
+        return self._pool.submit(fn, *args).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class Services:
+    models: ModelRegistry
+    embedder: TextEmbedder | None = None
+    reranker: Reranker | None = None
+    index_path: Path | None = None
+    encoder: EncoderWorker = field(default_factory=EncoderWorker)
+    metrics: ServerMetrics | None = None
+    started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = ServerMetrics(self.models.load)
+
+    def require_embedder(self) -> TextEmbedder:
+        if self.embedder is None:
+            raise APIError(404, "this server has no embedding model loaded", code="model_not_found")
+        return self.embedder
+
+    def close(self) -> None:
+        self.encoder.close()
+        self.models.close()
