@@ -10,6 +10,7 @@ from pathlib import Path
 
 from inference.chat_model import ModelNotFoundError
 from inference.engine import EngineConfig
+from inference.model_pool import PoolConfig
 
 from rag.server.settings import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
 
@@ -51,6 +52,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     parser.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        help="chat models loaded at once must fit in this (default: RAM minus 8 GB)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="also keep MODEL loaded from the start (repeatable; --model is always pinned)",
+    )
+    parser.add_argument(
+        "--idle-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="unload an unpinned model unused this long (default: only when room is needed)",
+    )
+    parser.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -83,7 +102,15 @@ def run(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
         )
+        pool = PoolConfig(
+            memory_limit_bytes=None
+            if args.memory_limit_gb is None
+            else int(args.memory_limit_gb * 1024**3),
+            pinned=tuple(args.pin),
+            idle_ttl_s=args.idle_ttl,
+        )
         options = LoadOptions(
+            pool=pool,
             model=args.model,
             embedder=args.embedder,
             reranker=args.reranker,
@@ -96,10 +123,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         log.warning("serving on %s without API keys: set %s", settings.host, API_KEYS_ENV)
-    app = create_app(services, settings)
+    app = create_app(services, settings, owns_services=True)
     print(f"serving on http://{settings.host}:{settings.port}  (Ctrl-C stops)", file=sys.stderr)
-    try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
-    finally:
-        services.close()
+    # uvicorn stops on SIGINT/SIGTERM, runs the app's shutdown (which closes the models), then
+    # exits by the same signal, as a service manager expects.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     return 0

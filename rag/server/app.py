@@ -5,6 +5,9 @@ request -> access log + metrics -> body size limit -> API key -> CORS -> routes
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -28,9 +31,20 @@ from rag.server.settings import ServerSettings
 API_VERSION = "0.1.0"
 
 
-def create_app(services: Services, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(
+    services: Services, settings: ServerSettings | None = None, *, owns_services: bool = False
+) -> FastAPI:
+    """The app over `services`; with owns_services, shutting the app down closes them."""
     settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_services:  # flush and stop the engines before the process exits
+            services.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="MLX RAG appliance",
         version=API_VERSION,
         description="OpenAI- and Anthropic-compatible local inference, embeddings, rerank and RAG.",

@@ -1,8 +1,12 @@
-"""Loading what `rag serve` serves: the chat engine, the embedder, the reranker and the index.
+"""Loading what `rag serve` serves: the chat models, the embedder, the reranker and the index.
 
-Each part that is missing is said once at start-up; the server still starts with the rest (an
-embeddings-only or chat-only appliance is useful too), and the routes that need the missing part
-answer with a clear 4xx.
+Chat models live in a ModelPool: the one named by --model (or the default) is pinned and loaded
+at start; any other model of the user's model dir loads when a request names it, and the least
+recently used idle ones are unloaded to stay within the memory limit. Clients can only name
+models the listing shows, never a path on the server's disk.
+
+A missing embedder is said once at start-up; the server still starts (chat-only is useful), and
+the routes that need it answer with a clear 4xx.
 """
 
 from __future__ import annotations
@@ -11,16 +15,25 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inference.chat_model import resolve_chat_model
+from inference.chat_model import (
+    DEFAULT_CHAT_MODEL,
+    ModelNotFoundError,
+    list_chat_models,
+    resolve_chat_model,
+)
 from inference.engine import Engine, EngineConfig
+from inference.model_pool import ModelPool, ModelSpec, PoolConfig, kv_bytes_per_token, weights_bytes
 
 from ingest.cli import load_embedder
 from ingest.config import default_db_path
 from ingest.errors import IngestError
 from rag.reranking import Reranker
-from rag.server.services import Services, StaticModelRegistry
+from rag.server.reranker_choice import choose_reranker
+from rag.server.services import PooledModelRegistry, Services
 
 log = logging.getLogger(__name__)
+
+TYPICAL_TOKENS_PER_SEQUENCE = 2048  # KV estimate per running request: a RAG prompt and answer
 
 
 @dataclass(frozen=True)
@@ -30,28 +43,57 @@ class LoadOptions:
     reranker: Path | None = None  # a cross-encoder folder; None: see rag.server.reranker_choice
     index_path: Path | None = None  # None: $RAG_DATA_DIR/index.sqlite3
     engine: EngineConfig = field(default_factory=EngineConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)  # `pinned` is set to the main model
+
+
+def model_cost_bytes(folder: Path, engine: EngineConfig) -> int:
+    """What a loaded model is expected to hold: its weights plus a typical full batch of KV."""
+    tokens = engine.max_kv_tokens or engine.max_num_seqs * min(
+        engine.max_model_len or TYPICAL_TOKENS_PER_SEQUENCE, TYPICAL_TOKENS_PER_SEQUENCE
+    )
+    return weights_bytes(folder) + tokens * kv_bytes_per_token(folder)
+
+
+def make_model_registry(options: LoadOptions) -> PooledModelRegistry:
+    main_path = resolve_chat_model(options.model)  # fails early when the main model is missing
+    main_name = DEFAULT_CHAT_MODEL if options.model is None else Path(options.model).name
+
+    def available() -> list[str]:
+        return [entry.name for entry in list_chat_models()]
+
+    def resolve(name: str) -> ModelSpec:
+        if name == main_name:
+            path = main_path
+        elif name in available():
+            path = resolve_chat_model(name)
+        else:
+            raise ModelNotFoundError(
+                f"model {name!r} does not exist; available: {', '.join([main_name, *available()])}"
+            )
+        return ModelSpec(
+            name,
+            model_cost_bytes(path, options.engine),
+            lambda: Engine.from_path(path, config=options.engine, model_name=name),
+        )
+
+    pool_config = PoolConfig(
+        memory_limit_bytes=options.pool.memory_limit_bytes,
+        pinned=(main_name, *options.pool.pinned),
+        idle_ttl_s=options.pool.idle_ttl_s,
+        idle_ttl_overrides=options.pool.idle_ttl_overrides,
+        wait_s=options.pool.wait_s,
+    )
+    return PooledModelRegistry(ModelPool(resolve, pool_config), main_name, available)
 
 
 def load_services(options: LoadOptions) -> Services:
     """Load the models (minutes for big ones); raises ModelNotFoundError for a missing chat model."""
-    model_path = resolve_chat_model(options.model)
-    engine = Engine.from_path(model_path, config=options.engine)
+    models = make_model_registry(options)
     try:
         embedder = load_embedder(options.embedder)
     except IngestError as exc:
         log.warning("no embedding model: %s; /v1/embeddings and RAG are off", exc)
         embedder = None
-    reranker = _load_reranker(options.reranker, embedder)
+    reranker: Reranker | None = choose_reranker(options.reranker, embedder)
     index_path = (options.index_path or default_db_path()).expanduser()
-    return Services(
-        models=StaticModelRegistry([engine]),
-        embedder=embedder,
-        reranker=reranker,
-        index_path=index_path,
-    )
-
-
-def _load_reranker(path: Path | None, embedder: object) -> Reranker | None:
-    from rag.server.reranker_choice import choose_reranker
-
-    return choose_reranker(path, embedder)
+    return Services(models=models, embedder=embedder, reranker=reranker, index_path=index_path)

@@ -49,9 +49,12 @@ async def list_models(request: Request) -> dict:
     services = services_of(request)
     created = int(services.started_at)
     data = []
+    loaded = set(services.models.loaded_names())
     for name in services.models.names():
-        backend = services.models.get(name)
-        data.append(_model(name, created, "chat", max_model_len=backend.max_model_len))
+        extra: dict[str, object] = {"loaded": name in loaded}
+        if name in loaded:  # asking an unloaded model its context length would load it
+            extra["max_model_len"] = services.models.get(name).max_model_len
+        data.append(_model(name, created, "chat", **extra))
     if services.embedder is not None:
         e = services.embedder
         data.append(

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from inference.backend import GenerationBackend
+from inference.chat_model import ModelNotFoundError
+from inference.model_pool import ModelPool, PoolFullError
 
 from ingest.protocols import TextEmbedder
 from rag.reranking import Reranker
@@ -37,6 +39,10 @@ class ModelRegistry(Protocol):
     def default_name(self) -> str: ...
 
     def names(self) -> list[str]: ...
+
+    def loaded_names(self) -> list[str]:
+        """The models in memory now (the others load on first use)."""
+        ...
 
     def get(self, name: str | None) -> GenerationBackend:
         """The backend for `name` (None: the default); raises APIError 404 for an unknown one."""
@@ -66,6 +72,9 @@ class StaticModelRegistry:
     def names(self) -> list[str]:
         return list(self._backends)
 
+    def loaded_names(self) -> list[str]:
+        return list(self._backends)
+
     def get(self, name: str | None) -> GenerationBackend:
         if not name:
             return self._backends[self._default]
@@ -92,6 +101,47 @@ class StaticModelRegistry:
     def close(self) -> None:
         for backend in self._backends.values():
             backend.close()
+
+
+class PooledModelRegistry:
+    """Chat models from a ModelPool: any available model loads on first use, LRU-unloaded."""
+
+    def __init__(self, pool: ModelPool, default_name: str, available: Callable[[], list[str]]):
+        self._pool = pool
+        self._default = default_name
+        self._available = available  # names the pool can load (the model dir may change)
+
+    @property
+    def default_name(self) -> str:
+        return self._default
+
+    def names(self) -> list[str]:
+        names = self._available()
+        return names if self._default in names else [self._default, *names]
+
+    def loaded_names(self) -> list[str]:
+        return self._pool.loaded_names()
+
+    def get(self, name: str | None) -> GenerationBackend:
+        name = name or self._default
+        try:
+            return self._pool.get(name)
+        except ModelNotFoundError as exc:
+            raise APIError(404, str(exc), param="model", code="model_not_found") from exc
+        except PoolFullError as exc:
+            raise APIError(503, str(exc), code="model_pool_full") from exc
+
+    def load(self) -> dict[str, tuple[int, int]]:
+        loads: dict[str, tuple[int, int]] = {}
+        for name, backend in self._pool.loaded_backends().items():
+            probe = getattr(backend, "load", None)
+            if callable(probe):
+                snapshot = probe()
+                loads[name] = (snapshot.num_waiting, snapshot.num_running)
+        return loads
+
+    def close(self) -> None:
+        self._pool.close()
 
 
 class EncoderWorker:
