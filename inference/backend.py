@@ -102,6 +102,14 @@ class GenerationBackend(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    def encode(self, text: str) -> list[int]:
+        """Text -> token ids, without special tokens."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Token ids -> text, special tokens included."""
+        ...
+
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
     ) -> list[int]:

@@ -170,6 +170,9 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(token_ids))
+
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
     ) -> list[int]:
