@@ -5,7 +5,9 @@ pooling config; tokenizes, sorts inputs by length into token-budgeted batches pa
 length (few distinct shapes, little padding), pools (mean / CLS / last-token / max /
 mean-sqrt-len) and L2-normalises when the folder's modules say so. Inputs longer than the model's
 limit are cut and reported per input in `EmbeddingBatch.truncated`, or refused with
-`InputTooLongError` when the caller asks for no truncation; never cut silently.
+`InputTooLongError` when the caller asks for no truncation; never cut silently. Pre-tokenized
+inputs (`embed_ids`: content token ids of this model's tokenizer) get the same special tokens,
+limits and batching. `plan_batches` is shared with the cross-encoder (reranker.py).
 The encoder itself lives in `bert.py`; this module knows nothing about attention.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ from inference.bert import BertConfig, BertModel, load_weights, make_model
 
 import mlx.core as mx
 import numpy as np
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Tokenizer
 
 DEFAULT_BATCH_TOKENS = 2048  # padded tokens per forward pass; keeps activations cache-sized
 DEFAULT_MAX_BATCH = 64  # rows per forward pass, whatever their length
@@ -54,6 +57,18 @@ class InputTooLongError(ValueError):
         super().__init__(
             f"input {index} has {num_tokens} tokens (special tokens included); "
             f"the embedder takes at most {max_tokens}"
+        )
+
+
+class TokenIdError(ValueError):
+    """A pre-tokenized input holds an id outside the model's vocabulary."""
+
+    def __init__(self, index: int, token_id: int, vocab_size: int):
+        self.index = index
+        self.token_id = token_id
+        self.vocab_size = vocab_size
+        super().__init__(
+            f"input {index} has token id {token_id}; this model's ids are 0..{vocab_size - 1}"
         )
 
 
@@ -120,7 +135,8 @@ class Embedder:
         if streams is None:
             on_cpu = mx.default_device() == mx.cpu
             streams = min(DEFAULT_CPU_STREAMS, os.cpu_count() or 1) if on_cpu else 1
-        self._streams = [mx.new_stream(mx.default_device()) for _ in range(max(1, streams))]
+        self._num_streams = max(1, streams)
+        self._thread_local = threading.local()  # MLX streams belong to the thread that made them
         # Two copies of one tokenizer: untruncated for counting, truncating (and reporting the
         # overflow) for embedding; neither pads, batching pads.
         self._tokenizer = tokenizer
@@ -129,6 +145,7 @@ class Embedder:
         self._truncating = Tokenizer.from_str(tokenizer.to_str())
         self._truncating.enable_truncation(max_length=max_tokens)
         self.num_special_tokens = len(self._tokenizer.encode("").ids)
+        self._prefix_ids, self._suffix_ids = _special_affixes(self._tokenizer)
         self._pad_id = model.config.pad_token_id
         if max_tokens <= self.num_special_tokens:
             raise ValueError(f"max_tokens={max_tokens} leaves no room for content")
@@ -160,7 +177,7 @@ class Embedder:
             raise ValueError(
                 f"batch_tokens={batch_tokens} must hold one max_tokens={max_tokens} input"
             )
-        _ensure_buffer_cache(MIN_BUFFER_CACHE_BYTES)
+        ensure_buffer_cache(MIN_BUFFER_CACHE_BYTES)
         model = make_model(config, load_weights(folder))
         assert isinstance(model, BertModel)
         return cls(
@@ -198,48 +215,74 @@ class Embedder:
         if not truncate and any(truncated):
             index = truncated.index(True)
             raise InputTooLongError(index, self.count_tokens([texts[index]])[0], self.max_tokens)
-        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
+        rows = [e.ids for e in encodings]
+        return EmbeddingBatch(self._embed_rows(rows), [len(r) for r in rows], truncated)
+
+    def embed_ids(self, token_ids: list[list[int]], *, truncate: bool = True) -> EmbeddingBatch:
+        """Embed pre-tokenized inputs: content ids of this model's tokenizer, no special tokens
+        (they are added here as for text); over-long ones are cut (and flagged) or refused."""
+        vocab_size = self.model.config.vocab_size
+        room = self.max_tokens - self.num_special_tokens
+        rows: list[list[int]] = []
+        truncated: list[bool] = []
+        for index, ids in enumerate(token_ids):
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise TokenIdError(index, bad[0], vocab_size)
+            if len(ids) > room and not truncate:
+                raise InputTooLongError(index, len(ids) + self.num_special_tokens, self.max_tokens)
+            rows.append([*self._prefix_ids, *ids[:room], *self._suffix_ids])
+            truncated.append(len(ids) > room)
+        return EmbeddingBatch(self._embed_rows(rows), [len(r) for r in rows], truncated)
+
+    def _embed_rows(self, rows: list[list[int]]) -> np.ndarray:
+        """Token-id rows (special tokens included, within max_tokens) -> float32 [n, dim]."""
+        vectors = np.zeros((len(rows), self.dim), dtype=np.float32)
         pending: list[tuple[list[int], mx.array]] = []
-        for number, rows in enumerate(self._batches([len(e.ids) for e in encodings])):
+        streams = self._streams()
+        for number, batch in enumerate(self._batches([len(r) for r in rows])):
             # Batches take turns on the streams, which run in parallel.
-            with mx.stream(self._streams[number % len(self._streams)]):
-                pooled = self._forward([encodings[i] for i in rows])
+            with mx.stream(streams[number % len(streams)]):
+                pooled = self._forward([rows[i] for i in batch])
             mx.async_eval(pooled)  # build the next batch's graph while this one runs
-            pending.append((rows, pooled))
-        for rows, pooled in pending:
-            vectors[rows] = np.asarray(pooled)
-        return EmbeddingBatch(vectors, [len(e.ids) for e in encodings], truncated)
+            pending.append((batch, pooled))
+        for batch, pooled in pending:
+            vectors[batch] = np.asarray(pooled)
+        return vectors
 
     def _prepare(self, texts: list[str]) -> list[str]:
         if not isinstance(texts, list | tuple):
             raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
         return [t.lower() for t in texts] if self._lowercase else list(texts)
 
+    def _streams(self) -> list[mx.Stream]:
+        """This thread's streams, made on first use: a server embeds on a worker thread, and a
+        stream made on the loading thread cannot be used there."""
+        streams = getattr(self._thread_local, "streams", None)
+        if streams is None:
+            device = mx.default_device()
+            streams = [mx.new_stream(device) for _ in range(self._num_streams)]
+            self._thread_local.streams = streams
+        return streams
+
     def _batches(self, lengths: list[int]) -> Iterator[list[int]]:
-        """Longest first; a batch pads to its first row's bucketed length, holds at most
-        batch_tokens padded tokens, and ends early where the next row would be mostly padding."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        start = 0
-        while start < len(order):
-            padded = self._bucket(lengths[order[start]])
-            end = start + max(1, min(self.max_batch, self.batch_tokens // padded))
-            for stop in range(start + 1, min(end, len(order))):
-                if self._bucket(lengths[order[stop]]) * _MAX_PADDING_RATIO < padded:
-                    end = stop
-                    break
-            yield order[start:end]
-            start = end
+        return plan_batches(
+            lengths,
+            max_tokens=self.max_tokens,
+            batch_tokens=self.batch_tokens,
+            max_batch=self.max_batch,
+        )
 
     def _bucket(self, length: int) -> int:
-        return min(-(-length // _BUCKET) * _BUCKET, self.max_tokens)
+        return bucket_length(length, self.max_tokens)
 
-    def _forward(self, encodings: list[Encoding]) -> mx.array:
+    def _forward(self, rows: list[list[int]]) -> mx.array:
         """One padded batch through the encoder, pooled and (maybe) normalised: [B, dim] fp32."""
-        lengths = [len(e.ids) for e in encodings]
+        lengths = [len(r) for r in rows]
         padded = self._bucket(max(lengths))
-        ids = np.full((len(encodings), padded), self._pad_id, dtype=np.int32)
-        for row, e in enumerate(encodings):
-            ids[row, : lengths[row]] = e.ids
+        ids = np.full((len(rows), padded), self._pad_id, dtype=np.int32)
+        for row, r in enumerate(rows):
+            ids[row, : lengths[row]] = r
         mask = mx.arange(padded)[None, :] < mx.array(lengths)[:, None]  # [B, L] bool
         hidden = self.model(mx.array(ids), mask).astype(mx.float32)
         pooled = _pool(hidden, mask, mx.array(lengths), self.pooling.mode)
@@ -249,7 +292,40 @@ class Embedder:
         return pooled
 
 
-def _ensure_buffer_cache(min_bytes: int) -> None:
+def bucket_length(length: int, max_tokens: int) -> int:
+    """The padded length of a batch whose longest row has `length` tokens."""
+    return min(-(-length // _BUCKET) * _BUCKET, max_tokens)
+
+
+def plan_batches(
+    lengths: list[int], *, max_tokens: int, batch_tokens: int, max_batch: int
+) -> Iterator[list[int]]:
+    """Row indices per batch. Longest first; a batch pads to its first row's bucketed length,
+    holds at most batch_tokens padded tokens, and ends early where the next row would be mostly
+    padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    start = 0
+    while start < len(order):
+        padded = bucket_length(lengths[order[start]], max_tokens)
+        end = start + max(1, min(max_batch, batch_tokens // padded))
+        for stop in range(start + 1, min(end, len(order))):
+            if bucket_length(lengths[order[stop]], max_tokens) * _MAX_PADDING_RATIO < padded:
+                end = stop
+                break
+        yield order[start:end]
+        start = end
+
+
+def _special_affixes(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer puts before and after one text's content."""
+    encoding = tokenizer.encode("a")
+    content = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
+    if not content:
+        return [], []
+    return encoding.ids[: content[0]], encoding.ids[content[-1] + 1 :]
+
+
+def ensure_buffer_cache(min_bytes: int) -> None:
     """Raise MLX's (process-wide) buffer cache limit to at least min_bytes; never lower it."""
     previous = mx.set_cache_limit(min_bytes)
     if previous > min_bytes:

@@ -28,6 +28,9 @@ class EmbeddingResult(Protocol):
     @property
     def truncated(self) -> list[bool]: ...
 
+    @property
+    def num_tokens(self) -> list[int]: ...  # per text, special tokens included (for usage)
+
 
 @runtime_checkable
 class TextEmbedder(Protocol):

@@ -18,6 +18,7 @@ class ServerSettings:
     max_request_bytes: int = 4 * MiB  # JSON bodies
     max_upload_bytes: int = 64 * MiB  # document uploads
     max_embedding_inputs: int = 2048  # OpenAI's limit per request
+    max_rerank_documents: int = 1000  # Cohere's limit per request
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
@@ -26,6 +27,11 @@ class ServerSettings:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if any(not key or key != key.strip() for key in self.api_keys):
             raise ValueError("API keys must be non-empty and have no surrounding whitespace")
-        for name in ("max_request_bytes", "max_upload_bytes", "max_embedding_inputs"):
+        for name in (
+            "max_request_bytes",
+            "max_upload_bytes",
+            "max_embedding_inputs",
+            "max_rerank_documents",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
