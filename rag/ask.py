@@ -19,7 +19,7 @@ from ingest.cli import load_embedder
 from ingest.config import default_db_path
 from ingest.errors import IngestError
 from ingest.store import SqliteVecStore
-from rag.answer import AnswerConfig, AnswerDone, AnswerText, RagPipeline, Sources
+from rag.answer import AnswerConfig, AnswerDone, AnswerError, AnswerText, RagPipeline, Sources
 from rag.retrieval import RetrievalConfig, Retriever
 
 _DEFAULTS = AnswerConfig()
@@ -120,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         pipeline = RagPipeline(Retriever(store, embedder, retrieval), engine, answer_config)
         return _stream(pipeline, args)
+    except AnswerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         engine.close()
         store.close()
@@ -127,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _stream(pipeline: RagPipeline, args: argparse.Namespace) -> int:
     sources: Sources | None = None
-    for event in pipeline.ask(args.question, sources=args.source):
+    # Stored paths are absolute: a relative --source means a folder under the working directory.
+    filters = [str(Path(s).expanduser().resolve()) for s in args.source or []]
+    for event in pipeline.ask(args.question, sources=filters or None):
         if isinstance(event, Sources):
             sources = event
         elif isinstance(event, AnswerText) and not args.json:
