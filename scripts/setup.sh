@@ -21,6 +21,8 @@ apt_packages=()
 if [ "$(uname -s)" = "Linux" ] && command -v dpkg >/dev/null 2>&1; then
   dpkg -s libopenblas0-pthread >/dev/null 2>&1 || apt_packages+=(libopenblas0-pthread)
   python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_packages+=(python3-venv)
+  # The web page's browser test drives Debian's Chromium (Playwright's own download needs a network).
+  if [ "$dev" = 1 ] && ! command -v chromium >/dev/null 2>&1; then apt_packages+=(chromium); fi
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
   sudo_cmd=()
@@ -28,7 +30,8 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
   say "installing system packages: ${apt_packages[*]}"
   if ! { "${sudo_cmd[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" \
         apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null; }; then
-    echo "warning: could not install ${apt_packages[*]}; MLX will use its slow reference BLAS" >&2
+    echo "warning: could not install ${apt_packages[*]} (no OpenBLAS: MLX runs on its slow" \
+      "reference BLAS; no chromium: the browser test is skipped)" >&2
   fi
 fi
 
