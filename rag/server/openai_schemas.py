@@ -163,8 +163,29 @@ class GenerationFields(_Body):
         return StopParams(max_tokens=max_tokens, stop=self.stop_strings())
 
 
+class RagOptions(BaseModel):
+    """The `rag` extension field of a chat request: answer from the index (see rag_chat.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(5, ge=1, le=50)
+    sources: list[str] = Field(default_factory=list)  # path prefixes passages must be under
+    mode: Literal["hybrid", "vector", "keyword"] = "hybrid"
+    rerank: bool = False
+    min_similarity: float | None = Field(None, ge=-1, le=1)
+
+
 class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    rag: RagOptions | None = None  # extension: retrieval-augmented answer (rag_chat.py)
+
+    @field_validator("rag", mode="before")
+    @classmethod
+    def _rag_flag(cls, value: Any) -> Any:
+        # `"rag": true` means the default options; false means plain chat.
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

@@ -49,6 +49,7 @@ from rag.server.openai_schemas import (
     legacy_logprobs,
     usage_body,
 )
+from rag.server.rag_chat import rag_chat_completion, rag_requested
 from rag.server.services import Services
 from rag.server.sse import sse_data, sse_response
 
@@ -249,8 +250,10 @@ def _encode(backend: GenerationBackend, text: str) -> list[int]:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     services: Services = request.app.state.services
-    backend = services.models.get(body.model)
     _refuse_unsupported_chat(body)
+    if rag_requested(body):  # answer from the indexed documents, with citations
+        return await rag_chat_completion(body, request, services)
+    backend = services.models.get(body.model)
     messages = template_messages(body.messages)
     try:
         # Inline on the loop: a template plus a fast tokenizer take milliseconds even for long

@@ -55,6 +55,11 @@ async def list_models(request: Request) -> dict:
         if name in loaded:  # asking an unloaded model its context length would load it
             extra["max_model_len"] = services.models.get(name).max_model_len
         data.append(_model(name, created, "chat", **extra))
+    if services.embedder is not None and services.index_path is not None:
+        # Chat completions with model "rag" answer from the indexed documents (rag_chat.py).
+        data.append(
+            _model("rag", created, "chat", rag=True, chat_model=services.models.default_name)
+        )
     if services.embedder is not None:
         e = services.embedder
         data.append(

@@ -109,7 +109,7 @@ async def rag_query(body: RagQueryBody, request: Request) -> dict | StreamingRes
     first = await anext(events)  # retrieval and the engine's admission: errors are still 4xx
     if body.stream:
         # Named events ("event: error") carry errors here too; the body keeps OpenAI's shape.
-        return sse_response(request.url.path, _stream(first, events, model), anthropic=True)
+        return sse_response(request.url.path, _stream(first, events, model), named_events=True)
     citations: list[dict] = []
     done: AnswerDone | None = None
     try:

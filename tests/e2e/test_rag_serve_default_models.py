@@ -48,8 +48,9 @@ def test_rag_serve_starts_lists_models_and_stops_on_sigterm() -> None:
             time.sleep(0.5)
         assert httpx.get(f"{base}/v1/models").status_code == 401
         models = httpx.get(f"{base}/v1/models", headers={"authorization": "Bearer sk-two"}).json()
+        by_id = {m["id"]: m for m in models["data"]}
+        assert by_id["SmolLM2-135M-Instruct"]["loaded"] and by_id["rag"]["rag"]
         by_type = {m["type"]: m for m in models["data"]}
-        assert by_type["chat"]["id"] == "SmolLM2-135M-Instruct" and by_type["chat"]["loaded"]
         assert by_type["embedding"]["dimensions"] == 384
     finally:
         server.send_signal(signal.SIGTERM)
