@@ -111,3 +111,33 @@ class IntegrityReport:
             or self.documents_with_wrong_count
             or self.problems
         )
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    """A document as the library lists it."""
+
+    id: int
+    path: str
+    title: str | None
+    kind: str
+    size: int
+    num_chunks: int
+    ingested_at: str  # ISO 8601, UTC
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """One chunk with its document, for the library and citation views."""
+
+    id: int
+    document_id: int
+    ordinal: int  # position in its document, from 0
+    path: str
+    title: str | None
+    heading_path: tuple[str, ...]
+    page: int | None
+    char_start: int
+    char_end: int
+    num_tokens: int
+    text: str

@@ -29,6 +29,8 @@ from ingest.errors import EmbedderMismatchError, StoreError
 from ingest.migrations import apply_migrations
 from ingest.records import (
     Chunk,
+    ChunkInfo,
+    DocumentInfo,
     DocumentRecord,
     IntegrityReport,
     SearchHit,
@@ -131,6 +133,14 @@ class SqliteDocumentWriter:
         if self._open:
             self._conn.execute("ROLLBACK")
             self._open = False
+
+
+_DOCUMENT_COLUMNS = "id, path, title, kind, size, num_chunks, ingested_at"
+_CHUNK_SQL = (
+    "SELECT chunks.id, chunks.document_id, chunks.ordinal, documents.path, documents.title,"
+    " chunks.headings, chunks.page, chunks.char_start, chunks.char_end, chunks.num_tokens,"
+    " chunks.text FROM chunks JOIN documents ON documents.id = chunks.document_id"
+)
 
 
 class SqliteVecStore:
@@ -390,6 +400,28 @@ class SqliteVecStore:
         ]
         return self._hits(dict.fromkeys(ids, 0.0))
 
+    def list_documents(self) -> list[DocumentInfo]:
+        rows = self._conn.execute(
+            f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE num_chunks > 0 ORDER BY path"
+        )
+        return [DocumentInfo(*row) for row in rows]
+
+    def document(self, document_id: int) -> DocumentInfo | None:
+        row = self._conn.execute(
+            f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE id = ?", (document_id,)
+        ).fetchone()
+        return None if row is None else DocumentInfo(*row)
+
+    def chunk(self, chunk_id: int) -> ChunkInfo | None:
+        row = self._conn.execute(_CHUNK_SQL + " WHERE chunks.id = ?", (chunk_id,)).fetchone()
+        return None if row is None else _chunk_info(row)
+
+    def document_chunks(self, document_id: int) -> list[ChunkInfo]:
+        rows = self._conn.execute(
+            _CHUNK_SQL + " WHERE chunks.document_id = ? ORDER BY chunks.ordinal", (document_id,)
+        )
+        return [_chunk_info(row) for row in rows]
+
     def _hits(self, scores: dict[int, float]) -> list[SearchHit]:
         """SearchHits for chunk ids, in the order of `scores`."""
         if not scores:
@@ -461,3 +493,21 @@ class SqliteVecStore:
             documents_with_wrong_count=sorted(wrong_counts),
             problems=problems,
         )
+
+
+def _chunk_info(row: tuple) -> ChunkInfo:
+    chunk_id, document_id, ordinal, path, title, headings, page, start, end, num_tokens, text = row
+    heading_path = tuple(headings.split(HEADING_SEPARATOR)) if headings else ()
+    return ChunkInfo(
+        chunk_id,
+        document_id,
+        ordinal,
+        path,
+        title,
+        heading_path,
+        page,
+        start,
+        end,
+        num_tokens,
+        text,
+    )

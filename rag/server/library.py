@@ -13,83 +13,22 @@ Ignores: writing documents (ingest_jobs.py), answering (rag_service.py).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.records import SearchHit
+from ingest.records import ChunkInfo, SearchHit
 from ingest.sqlite import Connection
 from ingest.store import SqliteVecStore
 from rag.server.errors import APIError
 from rag.server.services import Services
 
 
-@dataclass(frozen=True)
-class DocumentInfo:
-    id: int
-    path: str
-    title: str | None
-    kind: str
-    size: int
-    num_chunks: int
-    ingested_at: str  # ISO 8601, UTC
-
-
-@dataclass(frozen=True)
-class ChunkInfo:
-    id: int
-    document_id: int
-    ordinal: int  # position in its document, from 0
-    path: str
-    title: str | None
-    heading_path: tuple[str, ...]
-    page: int | None
-    char_start: int
-    char_end: int
-    num_tokens: int
-    text: str
-
-
-_DOCUMENT_COLUMNS = "id, path, title, kind, size, num_chunks, ingested_at"
-_CHUNK_SQL = (
-    "SELECT chunks.id, chunks.document_id, chunks.ordinal, documents.path, documents.title,"
-    " chunks.headings, chunks.page, chunks.char_start, chunks.char_end, chunks.num_tokens,"
-    " chunks.text FROM chunks JOIN documents ON documents.id = chunks.document_id"
-)
-
-
 class LibraryStore(SqliteVecStore):
-    """The ingest store plus the reads the library and citation views need.
-
-    TODO(lead): these three queries belong in `ingest.store.SqliteVecStore` (they read its
-    schema); they live here only because that file has another owner.
-    """
+    """The ingest store, remembering what it was opened on (to notice a re-embed or new file)."""
 
     def __init__(self, conn: Connection, path: Path) -> None:
         super().__init__(conn, path)
         self.opened_identity = self.embedder_identity()
         self.opened_inode = _inode(path)
-
-    def list_documents(self) -> list[DocumentInfo]:
-        rows = self._conn.execute(
-            f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE num_chunks > 0 ORDER BY path"
-        )
-        return [DocumentInfo(*row) for row in rows]
-
-    def document(self, document_id: int) -> DocumentInfo | None:
-        row = self._conn.execute(
-            f"SELECT {_DOCUMENT_COLUMNS} FROM documents WHERE id = ?", (document_id,)
-        ).fetchone()
-        return None if row is None else DocumentInfo(*row)
-
-    def chunk(self, chunk_id: int) -> ChunkInfo | None:
-        row = self._conn.execute(_CHUNK_SQL + " WHERE chunks.id = ?", (chunk_id,)).fetchone()
-        return None if row is None else _chunk_info(row)
-
-    def document_chunks(self, document_id: int) -> list[ChunkInfo]:
-        rows = self._conn.execute(
-            _CHUNK_SQL + " WHERE chunks.document_id = ? ORDER BY chunks.ordinal", (document_id,)
-        )
-        return [_chunk_info(row) for row in rows]
 
 
 def _inode(path: Path) -> int | None:
@@ -97,24 +36,6 @@ def _inode(path: Path) -> int | None:
         return path.stat().st_ino
     except OSError:
         return None
-
-
-def _chunk_info(row: tuple) -> ChunkInfo:
-    chunk_id, document_id, ordinal, path, title, headings, page, start, end, num_tokens, text = row
-    heading_path = tuple(headings.split("\n")) if headings else ()
-    return ChunkInfo(
-        chunk_id,
-        document_id,
-        ordinal,
-        path,
-        title,
-        heading_path,
-        page,
-        start,
-        end,
-        num_tokens,
-        text,
-    )
 
 
 def heading_of(hit: SearchHit | ChunkInfo) -> str | None:

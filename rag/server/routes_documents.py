@@ -24,11 +24,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
+from ingest.records import ChunkInfo, DocumentInfo
 from rag.server.errors import APIError
 from rag.server.ingest_jobs import IngestJobs
 from rag.server.library import (
-    ChunkInfo,
-    DocumentInfo,
     check_embedder,
     heading_of,
     index_path_of,
