@@ -18,17 +18,27 @@ does; a request that stops has one wasted token computed. A long prompt is prefi
 budget-sized chunks beside the running decodes, so it never freezes the other streams; a
 cancelled request leaves the batch at the next step scheduled after the cancel.
 
-Ignores: HTTP and chat formats (callers pass token ids; `apply_chat_template` helps), prefix
-caching (every prompt is computed), speculative decoding, and several models (one engine, one
-model; a pool of engines is the model pool's job).
+The prefix cache (prefix_cache.py) joins the loop at three points:
+
+    1. admission: the prompt's block keys are looked up; the scheduler counts the blocks found
+       (all but the last prompt token at most) as computed
+    3. launch: a request's first step loads the found blocks into its slot first; after the
+       step's passes, every block its chunk completed is copied out of the slot into RAM, so
+       even a request cancelled mid-prefill leaves its prefix behind
+    5. completion: the blocks of the step just computed are spilled to SSD (write-behind)
+
+Ignores: HTTP and chat formats (callers pass token ids; `apply_chat_template` helps), speculative
+decoding, and several models (one engine, one model; a pool of engines is the model pool's job).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +52,21 @@ from inference.engine_types import (
     EngineLoad,
     StepRecord,
 )
+from inference.model_fingerprint import fingerprint_model_dir, parameters_dtype
+from inference.paths import data_dir
+from inference.prefix_cache import (
+    PrefixCache,
+    PrefixCacheStats,
+    disabled_stats,
+    unsupported_reason,
+)
 from inference.runner import ModelRunner, RunnerConfig, RunOutput
 from inference.sampling import compute_logprobs, compute_probs, sample
 from inference.scheduler import CountingKVCapacity, ScheduledStep, Scheduler
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 __all__ = [
     "ContextLengthError",
@@ -58,9 +77,12 @@ __all__ = [
     "GenerationChunk",
     "GenerationHandle",
     "GenerationRequest",
+    "PrefixCacheStats",
     "StepRecord",
     "Usage",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 4096  # for models whose config names no context length
 CLEAR_CACHE_EVERY = 256  # steps between returning MLX's freed buffers to the system
@@ -76,6 +98,7 @@ class _InFlight:
     states: list[RequestState] | None = None  # the requests sampled, one per row of tokens
     tokens: mx.array | None = None  # (rows,) lazy
     logits: mx.array | None = None  # the rows sampled, for logprobs
+    stored_keys: list[str] = field(default_factory=list)  # prefix blocks the step computed
 
 
 class Engine:
@@ -89,7 +112,10 @@ class Engine:
         config: EngineConfig | None = None,
         model_name: str = "model",
         on_step: Callable[[StepRecord], None] | None = None,
+        model_fingerprint: str | None = None,
     ) -> None:
+        """model_fingerprint (model_fingerprint.py) names the model's SSD prefix cache; without
+        one the prefix cache stays in RAM."""
         self.config = config or EngineConfig()
         self._model_name = model_name
         self._tokenizer = tokenizer
@@ -118,6 +144,8 @@ class Engine:
         self._scheduler = Scheduler(
             self.config.scheduler_config(), CountingKVCapacity(max_kv_tokens)
         )
+        self._prefix_cache_off = ""  # why there is no prefix cache
+        self._prefix_cache = self._make_prefix_cache(model, model_fingerprint)
         self._on_step = on_step
         self._states: dict[str, RequestState] = {}  # engine thread only
         self._num_steps = 0
@@ -148,7 +176,37 @@ class Engine:
 
         model, tokenizer = load(str(path))
         name = model_name or Path(path).name
-        return cls(model, tokenizer, config=config, model_name=name, on_step=on_step)
+        try:
+            dtype = parameters_dtype(v for _, v in tree_flatten(model.parameters()))
+            fingerprint: str | None = fingerprint_model_dir(path, dtype)
+        except (OSError, ValueError) as exc:  # not a local folder of safetensors
+            log.info("prefix cache: no fingerprint for %s (%s); RAM only", path, exc)
+            fingerprint = None
+        return cls(
+            model,
+            tokenizer,
+            config=config,
+            model_name=name,
+            on_step=on_step,
+            model_fingerprint=fingerprint,
+        )
+
+    def _make_prefix_cache(self, model: nn.Module, fingerprint: str | None) -> PrefixCache | None:
+        config = self.config
+        if config.prefix_cache_ram_bytes == 0:
+            self._prefix_cache_off = "prefix_cache_ram_bytes is 0"
+            return None
+        reason = unsupported_reason(model)
+        if reason is not None:
+            log.info("prefix cache off for %s: %s", self._model_name, reason)
+            self._prefix_cache_off = reason
+            return None
+        ssd_dir = None
+        if fingerprint is None:
+            fingerprint = f"in-memory-{uuid.uuid4().hex}"  # keys valid for this engine only
+        elif config.prefix_cache_ssd_bytes > 0:
+            ssd_dir = (config.prefix_cache_dir or data_dir() / "kv-cache") / fingerprint
+        return PrefixCache(config.prefix_cache_config(ssd_dir), fingerprint)
 
     # -- GenerationBackend ---------------------------------------------------------------------
 
@@ -207,6 +265,12 @@ class Engine:
             self._wakeup.notify()
         return handle
 
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Hits, misses and each tier's contents (a snapshot; any thread may call it)."""
+        if self._prefix_cache is None:
+            return disabled_stats(self._prefix_cache_off, self.config.prefix_cache_block_size)
+        return self._prefix_cache.stats()
+
     def load(self) -> EngineLoad:
         """Requests waiting for a place in the batch and requests in it, as of the last step."""
         with self._lock:
@@ -259,6 +323,8 @@ class Engine:
             for handle in pending + [state.handle for state in self._states.values()]:
                 handle.fail(error)
             self._states.clear()
+            if self._prefix_cache is not None:
+                self._prefix_cache.close()  # finishes the queued SSD writes
 
     def _take_inbox(self, *, wait: bool) -> bool:
         """Step 1: admit new requests and drop cancelled ones; False once closing."""
@@ -272,14 +338,19 @@ class Engine:
             new, self._inbox = self._inbox, []
             cancelled, self._cancelled = self._cancelled, set()
         for request, handle in new:
-            self._states[request.request_id] = RequestState.make(
+            state = RequestState.make(
                 request,
                 handle,
                 decoder=self._decoder,
                 eos_token_ids=self._eos_token_ids,
                 max_model_len=self._max_model_len,
             )
-            self._scheduler.add_request(request.request_id, len(request.prompt_ids))
+            self._states[request.request_id] = state
+            self._scheduler.add_request(
+                request.request_id,
+                len(request.prompt_ids),
+                num_cached_tokens=self._lookup_prefix(state),
+            )
         for request_id in cancelled:
             self._abort(request_id)
         return True
@@ -290,6 +361,8 @@ class Engine:
             return  # finished in the meantime
         self._scheduler.abort(request_id)
         self._runner.release(request_id)
+        if self._prefix_cache is not None:
+            self._prefix_cache.release(request_id)
         self._forget([request_id])
         state.handle.put(state.cancelled_chunk())
 
@@ -308,6 +381,16 @@ class Engine:
         if not step.items:
             return None
         states = [self._states[rid] for rid in step.request_ids]
+        for request_id in step.preempted_ids:
+            # Its KV goes with its slot; a prefix still cached spares part of the recompute.
+            self._runner.release(request_id)
+            preempted = self._states[request_id]
+            preempted.restore = None
+            num_cached = self._lookup_prefix(preempted)
+            self._scheduler.set_num_cached_tokens(request_id, num_cached)
+        for state in states:
+            if state.restore is not None:
+                self._restore_prefix(state)
         out = self._runner.execute(
             step,
             {state.request_id: state.token_ids for state in states},
@@ -315,8 +398,62 @@ class Engine:
         )
         assert len(set(out.request_ids)) == len(out.request_ids), "one token per request per step"
         outputs = [] if out.logits is None else [out.logits]
-        mx.async_eval(*outputs, *self._runner.cache.arrays())
-        return _InFlight(step, out, started)
+        stored_keys, stored_arrays = self._store_prefix_blocks(step)
+        mx.async_eval(*outputs, *self._runner.cache.arrays(), *stored_arrays)
+        return _InFlight(step, out, started, stored_keys=stored_keys)
+
+    # -- the prefix cache (engine thread) ------------------------------------------------------
+
+    def _lookup_prefix(self, state: RequestState) -> int:
+        """Find the prompt's cached blocks; returns the prompt tokens the request may skip."""
+        cache = self._prefix_cache
+        if cache is None or not cache.enabled:
+            return 0
+        prompt = state.request.prompt_ids
+        if not state.block_keys:
+            state.block_keys = cache.keys(prompt)
+        hit = cache.lookup(state.request_id, state.block_keys)
+        state.num_stored_blocks = max(state.num_stored_blocks, len(hit.blocks))
+        # The last prompt token always runs: its logits give the first output token.
+        state.num_cached_tokens = min(hit.num_tokens, len(prompt) - 1)
+        state.restore = hit if state.num_cached_tokens > 0 else None
+        return state.num_cached_tokens
+
+    def _restore_prefix(self, state: RequestState) -> None:
+        """The request's first step: its slot starts with the cached blocks."""
+        assert state.restore is not None
+        assert self._runner.cache.slot_of(state.request_id) is None, "restore into a used slot"
+        keys, values = state.restore.kv(state.num_cached_tokens)
+        self._runner.restore(state.request_id, keys, values)
+        state.restore = None
+
+    def _store_prefix_blocks(self, step: ScheduledStep) -> tuple[list[str], list[mx.array]]:
+        """Copy every prompt block the step completed out of its slot into the cache."""
+        cache = self._prefix_cache
+        if cache is None or not cache.enabled:
+            return [], []
+        block_size = cache.config.block_size
+        stored_keys: list[str] = []
+        arrays: list[mx.array] = []
+        for item in step.items:
+            state = self._states[item.request_id]
+            end = item.start_position + item.num_tokens
+            num_complete = min(end // block_size, len(state.block_keys))
+            while state.storing and state.num_stored_blocks < num_complete:
+                index = state.num_stored_blocks
+                start = index * block_size
+                keys, values = self._runner.cache.read(state.request_id, start, start + block_size)
+                key = state.block_keys[index]
+                parent = state.block_keys[index - 1] if index else None
+                new = cache.store(state.request_id, key, parent, keys, values)
+                if new is None:
+                    state.storing = False
+                    break
+                if new:
+                    stored_keys.append(key)
+                    arrays.extend(new)
+                state.num_stored_blocks += 1
+        return stored_keys, arrays
 
     def _sample(self, launched: _InFlight) -> _InFlight:
         """Step 4: draw one token per request that reached its last token; start computing it."""
@@ -366,6 +503,8 @@ class Engine:
             if chunk.finish_reason is not None:
                 self._scheduler.finish(state.request_id)
                 self._runner.release(state.request_id)
+                if self._prefix_cache is not None:
+                    self._prefix_cache.release(state.request_id)
                 del self._states[state.request_id]
                 finished.append(state.request_id)
             chunks.append((state.handle, chunk))
@@ -374,6 +513,8 @@ class Engine:
             self._num_running = len(self._scheduler.running_ids)
         for handle, chunk in chunks:
             handle.put(chunk)
+        if done.stored_keys and self._prefix_cache is not None:
+            self._prefix_cache.spill(done.stored_keys)  # computed by now: host copies are cheap
 
         self._num_steps += 1
         if self._num_steps % CLEAR_CACHE_EVERY == 0:

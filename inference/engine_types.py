@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from inference.backend import GenerationError
+from inference.kv_blocks import DEFAULT_BLOCK_SIZE
+from inference.prefix_cache import DEFAULT_RAM_BYTES, DEFAULT_SSD_BYTES, PrefixCacheConfig
 from inference.runner import RunnerConfig
 from inference.scheduler import ScheduledItem, SchedulerConfig
 
@@ -30,18 +33,35 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + completion; None: the model's own limit
     max_kv_tokens: int | None = None  # KV budget; None: max_num_seqs * max_model_len
     pass_cost_tokens: int = 8  # padding vs another forward pass; see RunnerConfig
+    # Shared-prefix KV cache (prefix_cache.py): 0 RAM bytes turns it off; 0 SSD bytes keeps it
+    # in RAM. The SSD tier needs the model's fingerprint (Engine.from_path computes it).
+    prefix_cache_ram_bytes: int = DEFAULT_RAM_BYTES
+    prefix_cache_ssd_bytes: int = DEFAULT_SSD_BYTES
+    prefix_cache_block_size: int = DEFAULT_BLOCK_SIZE  # tokens per cached block
+    prefix_cache_dir: Path | None = None  # None: $RAG_DATA_DIR/kv-cache; one folder per model
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_kv_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 2):
                 raise ValueError(f"{name} must be an int >= 2 or None, got {value!r}")
-        # SchedulerConfig and RunnerConfig check the rest.
+        if isinstance(self.prefix_cache_dir, str):  # from a CLI flag or a JSON config
+            object.__setattr__(self, "prefix_cache_dir", Path(self.prefix_cache_dir))
+        # SchedulerConfig, RunnerConfig and PrefixCacheConfig check the rest.
         self.scheduler_config()
         RunnerConfig(num_slots=self.max_num_seqs, pass_cost_tokens=self.pass_cost_tokens)
+        self.prefix_cache_config(None)
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+
+    def prefix_cache_config(self, ssd_dir: Path | None) -> PrefixCacheConfig:
+        return PrefixCacheConfig(
+            block_size=self.prefix_cache_block_size,
+            ram_bytes=self.prefix_cache_ram_bytes,
+            ssd_bytes=self.prefix_cache_ssd_bytes,
+            ssd_dir=ssd_dir,
+        )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ short prompts admitted together share a pass. Only the rows that sample a token 
 vocabulary projection (on SmolLM2 the logits of a whole 256-token chunk would cost a fifth of
 its forward pass).
 
+A request that hit the prefix cache gets its slot from `restore` (the cached keys and values)
+before its first step, which then starts at the first uncached token.
+
 Ignores: sampling (returns logits), token bookkeeping (the caller passes each request's token ids),
 scheduling, and stop conditions.
 """
@@ -130,6 +133,14 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         """Forget the request's KV (finished, cancelled, preempted)."""
         self.cache.release(request_id)
+
+    def restore(
+        self, request_id: str, keys: Sequence[mx.array], values: Sequence[mx.array]
+    ) -> None:
+        """Give the request a slot holding a cached prefix: per layer (kv_heads, n, head_dim)."""
+        slot = self.cache.allocate(request_id)
+        assert slot is not None, "more running requests than KV slots"
+        self.cache.load(request_id, keys, values)
 
     def _slot(self, request_id: str) -> int:
         slot = self.cache.slot_of(request_id)

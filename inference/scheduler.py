@@ -14,10 +14,12 @@ One step packs, within `max_num_batched_tokens`:
     pass 3  waiting requests, FIFO: admitted while seats, budget and KV capacity last
             (back-pressure: the head of the queue waits; nobody overtakes it)
 
-A preempted request loses its KV cache and goes back to the head of the queue; when admitted again
-it recomputes its prompt and output so far. The engine must make sure one request of the model's
-maximum length fits the KV capacity alone (vLLM checks this at start-up); then a lone request
-always makes progress.
+Prompt tokens found in a prefix cache (`num_cached_tokens`) start out computed: they take KV
+capacity but none of a step's token budget. A preempted request loses its KV cache and goes back
+to the head of the queue; when admitted again it recomputes its prompt and output so far, less
+what the prefix cache still holds (`set_num_cached_tokens`). The engine must make sure one
+request of the model's maximum length fits the KV capacity alone (vLLM checks this at start-up);
+then a lone request always makes progress.
 
 Ignores: token ids, arrays and mlx, sampling, stop conditions (the engine calls `finish`), and what
 the KV cache holds: a `KVCapacity` only answers "does this many tokens fit".
@@ -165,6 +167,17 @@ class Scheduler:
         request = _Request(request_id, num_prompt_tokens, num_computed_tokens=num_computed)
         self._requests[request_id] = request
         self._waiting.append(request)
+
+    def set_num_cached_tokens(self, request_id: str, num_cached_tokens: int) -> None:
+        """A waiting request that holds no KV (new or preempted) finds a prefix cached again."""
+        request = self._requests[request_id]
+        assert request in self._waiting and request.num_computed_tokens == 0, (
+            f"{request_id}: only a waiting request without KV can take a cached prefix"
+        )
+        if num_cached_tokens < 0:
+            raise ValueError(f"num_cached_tokens must be >= 0, got {num_cached_tokens}")
+        # As in add_request: the last token must run to give the next token's logits.
+        request.num_computed_tokens = min(num_cached_tokens, request.num_tokens - 1)
 
     def set_lookahead(self, request_id: str, num_lookahead_tokens: int) -> None:
         """Ask for num_lookahead_tokens drafted tokens to be verified in the request's next chunk."""
