@@ -14,6 +14,7 @@ from inference.model_pool import PoolConfig
 
 from rag.server.settings import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
 
+GiB = 1024**3
 API_KEYS_ENV = "RAG_API_KEYS"  # comma-separated; an env var keeps keys out of `ps` output
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="tokens per engine step, the prefill chunk (default: %(default)s)",
     )
     parser.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
+    parser.add_argument(
+        "--prefix-cache-ram-gb",
+        type=float,
+        default=defaults.prefix_cache_ram_bytes / GiB,
+        help="RAM for cached prompt prefixes per model, 0 turns the cache off (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefix-cache-ssd-gb",
+        type=float,
+        default=defaults.prefix_cache_ssd_bytes / GiB,
+        help="disk for prefixes spilled to SSD, kept across restarts; 0: RAM only "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefix-cache-block-size",
+        type=int,
+        default=defaults.prefix_cache_block_size,
+        help="tokens per cached block (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefix-cache-dir",
+        type=Path,
+        help="where SSD blocks live (default: $RAG_DATA_DIR/kv-cache)",
+    )
     parser.add_argument(
         "--memory-limit-gb",
         type=float,
@@ -101,11 +126,15 @@ def run(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
+            prefix_cache_ram_bytes=int(args.prefix_cache_ram_gb * GiB),
+            prefix_cache_ssd_bytes=int(args.prefix_cache_ssd_gb * GiB),
+            prefix_cache_block_size=args.prefix_cache_block_size,
+            prefix_cache_dir=args.prefix_cache_dir,
         )
         pool = PoolConfig(
             memory_limit_bytes=None
             if args.memory_limit_gb is None
-            else int(args.memory_limit_gb * 1024**3),
+            else int(args.memory_limit_gb * GiB),
             pinned=tuple(args.pin),
             idle_ttl_s=args.idle_ttl,
         )

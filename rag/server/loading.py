@@ -47,11 +47,13 @@ class LoadOptions:
 
 
 def model_cost_bytes(folder: Path, engine: EngineConfig) -> int:
-    """What a loaded model is expected to hold: its weights plus a typical full batch of KV."""
+    """What a loaded model is expected to hold: weights, a typical full batch of KV, and its
+    prefix cache's RAM tier."""
     tokens = engine.max_kv_tokens or engine.max_num_seqs * min(
         engine.max_model_len or TYPICAL_TOKENS_PER_SEQUENCE, TYPICAL_TOKENS_PER_SEQUENCE
     )
-    return weights_bytes(folder) + tokens * kv_bytes_per_token(folder)
+    kv_bytes = tokens * kv_bytes_per_token(folder)
+    return weights_bytes(folder) + kv_bytes + engine.prefix_cache_ram_bytes
 
 
 def make_model_registry(options: LoadOptions) -> PooledModelRegistry:

@@ -8,11 +8,14 @@ the small methods here, so metric names live in one file:
     rag_completion_tokens_total{model}          rag_time_to_first_token_seconds{model}
     rag_time_per_output_token_seconds{model}    rag_generation_requests{model,state}
     rag_embedded_inputs_total{model}            rag_reranked_documents_total{model}
+    rag_prefix_cache_{lookups,hits}_total{model}  rag_prefix_cache_hit_tokens_total{model,tier}
+    rag_prefix_cache_{blocks,bytes}{model,tier}   rag_prefix_cache_evictions_total{model,tier}
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,7 +24,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # Latency buckets from 5 ms to 2 minutes: a TTFT on a long RAG prompt can take seconds on CPU.
@@ -30,6 +33,8 @@ _PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 
 
 # model name -> (num_waiting, num_running), read at scrape time.
 LoadProbe = Callable[[], dict[str, tuple[int, int]]]
+# model name -> its prefix cache's stats (inference.prefix_cache.PrefixCacheStats), at scrape time.
+CacheProbe = Callable[[], dict[str, Any]]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -38,7 +43,7 @@ class _LoadCollector(Collector):
     def __init__(self, probe: LoadProbe) -> None:
         self.probe = probe
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily(
             "rag_generation_requests",
             "Generation requests in the engine: waiting for the batch (queue depth) or running",
@@ -50,8 +55,55 @@ class _LoadCollector(Collector):
         yield gauge
 
 
+class _PrefixCacheCollector(Collector):
+    """The engines' shared-prefix KV cache: hit rate inputs, contents and evictions per tier."""
+
+    def __init__(self, probe: CacheProbe) -> None:
+        self.probe = probe
+
+    def collect(self) -> Iterator[Metric]:
+        lookups = CounterMetricFamily(
+            "rag_prefix_cache_lookups", "Prompts looked up in the prefix cache", labels=["model"]
+        )
+        hits = CounterMetricFamily(
+            "rag_prefix_cache_hits", "Lookups that found at least one block", labels=["model"]
+        )
+        hit_tokens = CounterMetricFamily(
+            "rag_prefix_cache_hit_tokens",
+            "Prompt tokens restored from the cache, by tier",
+            labels=["model", "tier"],
+        )
+        blocks = GaugeMetricFamily(
+            "rag_prefix_cache_blocks", "Blocks held, by tier", labels=["model", "tier"]
+        )
+        size = GaugeMetricFamily(
+            "rag_prefix_cache_bytes", "Bytes held, by tier", labels=["model", "tier"]
+        )
+        evictions = CounterMetricFamily(
+            "rag_prefix_cache_evictions", "Blocks evicted, by tier", labels=["model", "tier"]
+        )
+        corrupt = CounterMetricFamily(
+            "rag_prefix_cache_corrupt_files", "SSD block files that failed checks", labels=["model"]
+        )
+        for model, s in sorted(self.probe().items()):
+            if not s.enabled:
+                continue
+            lookups.add_metric([model], s.num_lookups)
+            hits.add_metric([model], s.num_hits)
+            hit_tokens.add_metric([model, "ram"], s.num_hit_tokens - s.num_ssd_hit_tokens)
+            hit_tokens.add_metric([model, "ssd"], s.num_ssd_hit_tokens)
+            for tier in ("ram", "ssd"):
+                blocks.add_metric([model, tier], getattr(s, f"{tier}_blocks"))
+                size.add_metric([model, tier], getattr(s, f"{tier}_bytes"))
+                evictions.add_metric([model, tier], getattr(s, f"{tier}_evictions"))
+            corrupt.add_metric([model], s.ssd_corrupt)
+        yield from (lookups, hits, hit_tokens, blocks, size, evictions, corrupt)
+
+
 class ServerMetrics:
-    def __init__(self, load_probe: LoadProbe | None = None) -> None:
+    def __init__(
+        self, load_probe: LoadProbe | None = None, cache_probe: CacheProbe | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -96,6 +148,8 @@ class ServerMetrics:
         )
         if load_probe is not None:
             r.register(_LoadCollector(load_probe))
+        if cache_probe is not None:
+            r.register(_PrefixCacheCollector(cache_probe))
 
     def observe_request(self, route: str, status: int, duration_s: float) -> None:
         self.requests.labels(route, str(status)).inc()

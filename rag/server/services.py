@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from inference.backend import GenerationBackend
 from inference.chat_model import ModelNotFoundError
@@ -52,7 +52,20 @@ class ModelRegistry(Protocol):
         """Model name -> (requests waiting, requests running), for /metrics."""
         ...
 
+    def cache_stats(self) -> dict[str, Any]:
+        """Model name -> its prefix cache's stats, for loaded models that have one (/metrics)."""
+        ...
+
     def close(self) -> None: ...
+
+
+def _cache_stats(backends: Mapping[str, GenerationBackend]) -> dict[str, Any]:
+    stats: dict[str, Any] = {}
+    for name, backend in backends.items():
+        probe = getattr(backend, "prefix_cache_stats", None)  # the MLX engine has one
+        if callable(probe):
+            stats[name] = probe()
+    return stats
 
 
 class StaticModelRegistry:
@@ -98,6 +111,9 @@ class StaticModelRegistry:
                 loads[name] = (snapshot.num_waiting, snapshot.num_running)
         return loads
 
+    def cache_stats(self) -> dict[str, Any]:
+        return _cache_stats(self._backends)
+
     def close(self) -> None:
         for backend in self._backends.values():
             backend.close()
@@ -140,6 +156,9 @@ class PooledModelRegistry:
                 loads[name] = (snapshot.num_waiting, snapshot.num_running)
         return loads
 
+    def cache_stats(self) -> dict[str, Any]:
+        return _cache_stats(self._pool.loaded_backends())
+
     def close(self) -> None:
         self._pool.close()
 
@@ -174,7 +193,7 @@ class Services:
 
     def __post_init__(self) -> None:
         if self.metrics is None:
-            self.metrics = ServerMetrics(self.models.load)
+            self.metrics = ServerMetrics(self.models.load, self.models.cache_stats)
 
     def require_embedder(self) -> TextEmbedder:
         if self.embedder is None:

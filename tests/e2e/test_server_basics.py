@@ -43,6 +43,28 @@ def test_metrics_are_prometheus_text(tiny_server: TinyServer) -> None:
     text = httpx.get(f"{tiny_server.base_url}/metrics").text
     assert 'rag_requests_total{route="/health",status="200"}' in text
     assert f'rag_generation_requests{{model="{TINY_MODEL}",state="waiting"}} 0.0' in text
+    assert f'rag_prefix_cache_bytes{{model="{TINY_MODEL}",tier="ram"}}' in text
+
+
+def test_metrics_count_prefix_cache_hits(tiny_server: TinyServer) -> None:
+    # The same long prompt twice: the second restores its full blocks from the RAM tier.
+    prompt = " ".join(f"w{i % 7}" for i in range(120))  # a few hundred tokens, several blocks
+    for _ in range(2):
+        response = httpx.post(
+            f"{tiny_server.base_url}/v1/completions",
+            json={"model": TINY_MODEL, "prompt": prompt, "max_tokens": 1},
+            timeout=60,
+        )
+        assert response.status_code == 200
+    cached = response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0
+    text = httpx.get(f"{tiny_server.base_url}/metrics").text
+    line = next(
+        x
+        for x in text.splitlines()
+        if x.startswith(f'rag_prefix_cache_hit_tokens_total{{model="{TINY_MODEL}",tier="ram"}}')
+    )
+    assert float(line.split()[-1]) >= cached
 
 
 def test_oversized_body_is_413(tiny_server: TinyServer) -> None:
