@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 
 from rag.server import (
     routes_anthropic,
@@ -64,6 +65,8 @@ def create_app(
     ):
         app.include_router(module.router)
 
+    app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
+
     # Added innermost first: the last one added sees the request first.
     if settings.cors_origins:
         app.add_middleware(
@@ -81,3 +84,30 @@ def create_app(
     assert services.metrics is not None
     app.add_middleware(AccessLogMiddleware, metrics=services.metrics)
     return app
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "description": "OpenAI's error shape ({error: {message, type, param, code}}); Anthropic's "
+    "({type: 'error', error: {type, message}}) under /v1/messages",
+}
+
+
+def _openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's schema, with validation failures documented as what errors.py sends: a 400."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = {
+                        "description": "Invalid request",
+                        "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+                    }
+        schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+        schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+        app.openapi_schema = schema
+    return app.openapi_schema

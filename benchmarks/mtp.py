@@ -1,0 +1,187 @@
+"""MTP speculative decoding vs plain decoding at batch 1, side by side in one process.
+
+Modes, each generating --tokens tokens from the same chat prompt (stops ignored):
+
+    mlx-lm   mlx-lm's own `generate_step` with its sampler (the baseline to beat)
+    ar       our plain decoding (`mtp_decode.iter_plain`: compute_probs + keyed sample)
+    d1..d3   the MTP lane (`mtp_decode.MTPDecoder`) at depth 1..3
+
+at temperature 0 and at 0.6 / top_p 0.95 / top_k 20. Modes alternate within each repeat, so drift
+on a shared machine hits all of them. Per mode and setting one JSON line: time to first token
+(prefill), decode tok/s after the first token (p50 and p99 over repeats), ratio to `ar`, and for
+the lane the acceptance per depth and tokens per cycle. Then one line of pass costs: a trunk
+forward over W = 1..4 new tokens at the prompt's context (a verify pass at depth W - 1) and one
+head step, in ms and as a ratio to the W = 1 decode step.
+
+The head is the model's own (native `mtp.*` or sidecar `mtp_head.safetensors`) when it has one,
+else a random generic head: acceptance is then ~0 and the numbers show the lane's overhead.
+
+    .venv/bin/python benchmarks/mtp.py                       # default chat model, ~a minute
+    .venv/bin/python benchmarks/mtp.py --model PATH --tokens 128 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import inference  # noqa: F401  (loads the BLAS before mlx)
+from inference.chat_model import default_chat_model
+from inference.mtp_decode import MTPDecoder, Trunk, iter_plain
+from inference.mtp_head import MTPHead, load_head, make_generic_head
+from inference.sampling import SamplingParams
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+SETTINGS = {
+    "greedy": SamplingParams(temperature=0.0, seed=0),
+    "t0.6_p0.95_k20": SamplingParams(temperature=0.6, top_p=0.95, top_k=20, seed=0),
+}
+PROMPT = "Explain how a hash table handles collisions, with an example in Python."
+
+
+def time_tokens(tokens: Iterator[int], num_tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, decode tok/s over the rest)."""
+    start = time.perf_counter()
+    first = last = start
+    for count, _ in enumerate(tokens, start=1):
+        last = time.perf_counter()
+        if count == 1:
+            first = last
+        if count == num_tokens:
+            break
+    return first - start, (num_tokens - 1) / max(last - first, 1e-9)
+
+
+def run_modes(
+    model, trunk: Trunk, head: MTPHead, prompt: list[int], params: SamplingParams, args
+) -> dict[str, dict]:
+    """All modes, alternating within each repeat; returns per-mode timings and lane stats."""
+    sampler = make_sampler(params.temperature, top_p=params.top_p, top_k=params.top_k)
+    decoders: dict[str, MTPDecoder] = {}
+
+    def lane(depth: int) -> Callable[[], Iterator[int]]:
+        def tokens() -> Iterator[int]:
+            decoders[f"d{depth}"] = MTPDecoder(trunk, head, params, depth)
+            return decoders[f"d{depth}"].generate(prompt, args.tokens)
+
+        return tokens
+
+    modes: dict[str, Callable[[], Iterator[int]]] = {
+        "mlx-lm": lambda: (
+            int(t) for t, _ in generate_step(mx.array(prompt), model, sampler=sampler)
+        ),
+        "ar": lambda: iter_plain(model, prompt, params),
+        **{f"d{depth}": lane(depth) for depth in (1, 2, 3)},
+    }
+    times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    accepted: dict[str, list[list[float]]] = {mode: [] for mode in modes}
+    for repeat in range(args.repeats + 1):  # repeat 0 warms up
+        for mode, make_tokens in modes.items():
+            result = time_tokens(make_tokens(), args.tokens)
+            if repeat:
+                times[mode].append(result)
+                if mode in decoders:
+                    stats = decoders[mode].stats
+                    accepted[mode].append([*stats.acceptance_by_depth, stats.tokens_per_cycle])
+    results = {}
+    for mode, pairs in times.items():
+        rates = [rate for _, rate in pairs]
+        results[mode] = {
+            "ttft_p50_s": round(statistics.median(t for t, _ in pairs), 4),
+            "decode_tok_s_p50": round(float(np.percentile(rates, 50)), 2),
+            "decode_tok_s_p99": round(float(np.percentile(rates, 99)), 2),
+        }
+        if accepted[mode]:
+            mean = np.mean(accepted[mode], axis=0)
+            results[mode]["acceptance_by_depth"] = [round(float(a), 3) for a in mean[:-1]]
+            results[mode]["tokens_per_cycle"] = round(float(mean[-1]), 3)
+    return results
+
+
+def pass_costs(model, trunk: Trunk, head: MTPHead, prompt: list[int], repeats: int) -> dict:
+    """ms per trunk forward over W new tokens after the prompt, and per head step."""
+
+    def timed(run: Callable[[], mx.array]) -> float:
+        samples = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            mx.eval(run())
+            samples.append(time.perf_counter() - start)
+        return 1000 * statistics.median(samples[1:])
+
+    costs = {}
+    for width in (1, 2, 3, 4):
+        cache = make_prompt_cache(model)
+        mx.eval(trunk.forward(prompt, cache, "post_norm"))
+
+        def verify(cache=cache, width=width) -> mx.array:
+            result = trunk.forward(prompt[:width], cache, "post_norm")[1]
+            for c in cache:
+                c.trim(width)  # back to the prompt, so every sample sees the same context
+            return result
+
+        costs[f"forward_w{width}_ms"] = timed(verify)
+    head_cache = head.make_cache()
+    hiddens, _ = trunk.forward(prompt, make_prompt_cache(model), "post_norm")
+    mx.eval(head(trunk.embed(prompt), hiddens, head_cache))
+
+    def head_step() -> mx.array:
+        out = trunk.lm_head(head(trunk.embed(prompt[-1:]), hiddens[:, -1:], head_cache))
+        for c in head_cache:
+            c.trim(1)
+        return out
+
+    costs["head_step_ms"] = timed(head_step)
+    step = costs["forward_w1_ms"]
+    ratios = {k.replace("_ms", "_x_decode"): round(v / step, 3) for k, v in costs.items()}
+    return {k: round(v, 3) for k, v in costs.items()} | ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="mlx-lm folder (default model)")
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    folder = args.model or default_chat_model()
+    model, tokenizer = load(str(folder))
+    head = load_head(folder, model)
+    head_source = head.config.kind if head else "random generic (untrained)"
+    if head is None:
+        mx.random.seed(0)
+        head = make_generic_head(model)
+    trunk = Trunk(model)
+    messages = [{"role": "user", "content": PROMPT}]
+    prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    common = {
+        "model": folder.name,
+        "head": head_source,
+        "batch": 1,
+        "prompt_tokens": len(prompt),
+        "tokens": args.tokens,
+        "device": str(mx.default_device()),
+    }
+    for setting, params in SETTINGS.items():
+        results = run_modes(model, trunk, head, prompt, params, args)
+        baseline = results["ar"]["decode_tok_s_p50"]
+        for mode, result in results.items():
+            ratio = round(result["decode_tok_s_p50"] / baseline, 3)
+            line = {"bench": "mtp_decode", **common, "sampling": setting, "mode": mode}
+            print(json.dumps(line | result | {"x_ar": ratio}), flush=True)
+    costs = pass_costs(model, trunk, head, prompt, args.repeats * 3)
+    print(json.dumps({"bench": "mtp_pass_cost", **common} | costs), flush=True)
+
+
+if __name__ == "__main__":
+    main()
