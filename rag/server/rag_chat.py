@@ -25,7 +25,13 @@ from rag.answer import AnswerDone, AnswerEvent, AnswerText, Sources
 from rag.server.chat_format import template_messages
 from rag.server.errors import APIError
 from rag.server.openai_schemas import ChatCompletionRequest, RagOptions, ResponseMeta
-from rag.server.rag_service import RagQuery, answer_events, citation_json, timings_json
+from rag.server.rag_service import (
+    RagQuery,
+    answer_events,
+    citation_json,
+    collect_answer,
+    timings_json,
+)
 from rag.server.services import Services
 from rag.server.sse import sse_data, sse_response
 
@@ -105,19 +111,7 @@ async def rag_chat_completion(
 async def _complete(
     meta: ResponseMeta, first: AnswerEvent, events: AsyncGenerator[AnswerEvent, None]
 ) -> dict:
-    citations: list[dict] = []
-    done: AnswerDone | None = None
-    try:
-        event: AnswerEvent | None = first
-        while event is not None:
-            if isinstance(event, Sources):
-                citations = [citation_json(c) for c in event.citations]
-            elif isinstance(event, AnswerDone):
-                done = event
-            event = await anext(events, None)
-    finally:
-        await events.aclose()
-    assert done is not None, "an answer ends with AnswerDone"
+    citations, done = await collect_answer(first, events)
     return {
         **meta.head("chat.completion"),
         "choices": [

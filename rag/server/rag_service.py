@@ -20,6 +20,7 @@ from inference.backend import GenerationBackend
 from ingest.errors import StoreError
 from rag.answer import (
     AnswerConfig,
+    AnswerDone,
     AnswerError,
     AnswerEvent,
     AnswerTracker,
@@ -121,6 +122,26 @@ async def answer_events(services: Services, query: RagQuery) -> AsyncGenerator[A
         yield tracker.done()
     finally:
         stream.cancel()  # a no-op once finished; frees the slot if the caller left after Sources
+
+
+async def collect_answer(
+    first: AnswerEvent, events: AsyncGenerator[AnswerEvent, None]
+) -> tuple[list[dict], AnswerDone]:
+    """A non-streaming answer: the citations (JSON) and the final event; closes `events`."""
+    citations: list[dict] = []
+    done: AnswerDone | None = None
+    try:
+        event: AnswerEvent | None = first
+        while event is not None:
+            if isinstance(event, Sources):
+                citations = [citation_json(c) for c in event.citations]
+            elif isinstance(event, AnswerDone):
+                done = event
+            event = await anext(events, None)
+    finally:
+        await events.aclose()
+    assert done is not None, "an answer ends with AnswerDone"
+    return citations, done
 
 
 def citation_json(citation: Citation) -> dict:

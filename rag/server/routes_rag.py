@@ -21,13 +21,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from rag.answer import AnswerDone, AnswerEvent, AnswerText, Sources
+from rag.answer import AnswerEvent, AnswerText, Sources
 from rag.server.errors import APIError
 from rag.server.rag_service import (
     MAX_TOP_K,
     RagQuery,
     answer_events,
     citation_json,
+    collect_answer,
     timings_json,
 )
 from rag.server.services import Services
@@ -110,19 +111,7 @@ async def rag_query(body: RagQueryBody, request: Request) -> dict | StreamingRes
     if body.stream:
         # Named events ("event: error") carry errors here too; the body keeps OpenAI's shape.
         return sse_response(request.url.path, _stream(first, events, model), named_events=True)
-    citations: list[dict] = []
-    done: AnswerDone | None = None
-    try:
-        event: AnswerEvent | None = first
-        while event is not None:
-            if isinstance(event, Sources):
-                citations = [citation_json(c) for c in event.citations]
-            elif isinstance(event, AnswerDone):
-                done = event
-            event = await anext(events, None)
-    finally:
-        await events.aclose()
-    assert done is not None, "an answer ends with AnswerDone"
+    citations, done = await collect_answer(first, events)
     return {
         "object": "rag.answer",
         "model": model,

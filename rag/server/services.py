@@ -59,6 +59,16 @@ class ModelRegistry(Protocol):
     def close(self) -> None: ...
 
 
+def _loads(backends: Mapping[str, GenerationBackend]) -> dict[str, tuple[int, int]]:
+    loads: dict[str, tuple[int, int]] = {}
+    for name, backend in backends.items():
+        probe = getattr(backend, "load", None)  # the MLX engine reports its queue
+        if callable(probe):
+            snapshot = probe()
+            loads[name] = (snapshot.num_waiting, snapshot.num_running)
+    return loads
+
+
 def _cache_stats(backends: Mapping[str, GenerationBackend]) -> dict[str, Any]:
     stats: dict[str, Any] = {}
     for name, backend in backends.items():
@@ -103,13 +113,7 @@ class StaticModelRegistry:
         return backend
 
     def load(self) -> dict[str, tuple[int, int]]:
-        loads: dict[str, tuple[int, int]] = {}
-        for name, backend in self._backends.items():
-            probe = getattr(backend, "load", None)
-            if callable(probe):
-                snapshot = probe()
-                loads[name] = (snapshot.num_waiting, snapshot.num_running)
-        return loads
+        return _loads(self._backends)
 
     def cache_stats(self) -> dict[str, Any]:
         return _cache_stats(self._backends)
@@ -148,13 +152,7 @@ class PooledModelRegistry:
             raise APIError(503, str(exc), code="model_pool_full") from exc
 
     def load(self) -> dict[str, tuple[int, int]]:
-        loads: dict[str, tuple[int, int]] = {}
-        for name, backend in self._pool.loaded_backends().items():
-            probe = getattr(backend, "load", None)
-            if callable(probe):
-                snapshot = probe()
-                loads[name] = (snapshot.num_waiting, snapshot.num_running)
-        return loads
+        return _loads(self._pool.loaded_backends())
 
     def cache_stats(self) -> dict[str, Any]:
         return _cache_stats(self._pool.loaded_backends())
