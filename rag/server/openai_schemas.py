@@ -186,6 +186,7 @@ class ChatCompletionRequest(GenerationFields):
         if isinstance(value, bool):
             return {} if value else None
         return value
+
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

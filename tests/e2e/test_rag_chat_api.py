@@ -98,9 +98,9 @@ def test_rag_errors_are_openai_400s(client: openai.OpenAI) -> None:
         client.chat.completions.create(
             model=TINY_MODEL, messages=QUESTION, extra_body={"rag": {"top_k": 0}}
         )
-    with pytest.raises(openai.BadRequestError, match="n > 1"):
+    with pytest.raises(openai.BadRequestError, match=r"n > 1"):
         client.chat.completions.create(model="rag", messages=QUESTION, n=2)
-    with pytest.raises(openai.BadRequestError, match="rag.bogus"):
+    with pytest.raises(openai.BadRequestError, match=r"rag\.bogus"):
         client.chat.completions.create(
             model=TINY_MODEL, messages=QUESTION, extra_body={"rag": {"bogus": 1}}
         )

@@ -95,7 +95,7 @@ def test_unloads_least_recently_used_first() -> None:
 
 
 def test_unloads_several_when_one_is_not_enough() -> None:
-    pool, catalog, clock = make_pool({"a": 3 * GiB, "b": 3 * GiB, "c": 3 * GiB, "big": 8 * GiB})
+    pool, _, clock = make_pool({"a": 3 * GiB, "b": 3 * GiB, "c": 3 * GiB, "big": 8 * GiB})
     for name in ("a", "b", "c"):
         pool.get(name)
         clock.advance(10)
