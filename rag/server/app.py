@@ -39,7 +39,8 @@ def create_app(
     settings = settings or ServerSettings()
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        routes_documents.resume_uploads(app)  # a killed server's unfinished uploads
         yield
         if owns_services:  # flush and stop the engines before the process exits
             services.close()

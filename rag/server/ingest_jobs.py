@@ -231,6 +231,37 @@ class IngestJobs:
         self._queue.put(job)
         return job
 
+    def resume_pending(self) -> IngestJob | None:
+        """Queue the saved uploads the index lacks or holds an older version of.
+
+        A server killed mid-ingest leaves its uploads saved but not (all) indexed; at the next
+        start they are ingested again, so nothing a user uploaded is lost. Runs at start-up.
+        """
+        if not self.uploads_dir.is_dir() or self.services.index_path is None:
+            return None
+        saved = sorted(
+            p
+            for p in self.uploads_dir.iterdir()
+            if p.is_file() and not p.name.startswith(".") and loader_for(p.name) is not None
+        )
+        for leftover in self.uploads_dir.glob(".upload-*"):  # a write cut short: never complete
+            leftover.unlink(missing_ok=True)
+        if not saved:
+            return None
+        stored = {}
+        if self.services.index_path.exists():
+            with SqliteVecStore.open(self.services.index_path) as store:
+                stored = store.documents_under([str(self.uploads_dir)])
+        pending = []
+        for path in saved:
+            doc, stat = stored.get(str(path)), path.stat()
+            if doc is None or doc.size != stat.st_size or doc.mtime_ns != stat.st_mtime_ns:
+                pending.append(FileReport(path.name, path.name, str(path), "queued"))
+        if not pending:
+            return None
+        log.info("ingesting %d saved uploads the index does not hold yet", len(pending))
+        return self.submit(pending)
+
     def snapshot(self, job_id: str) -> dict | None:
         with self.lock:
             job = self._jobs.get(job_id)

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from inference.paths import data_dir
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from ingest.records import ChunkInfo, DocumentInfo
 from rag.server.errors import APIError
-from rag.server.ingest_jobs import IngestJobs
+from rag.server.ingest_jobs import IngestJob, IngestJobs
 from rag.server.library import (
     check_embedder,
     heading_of,
@@ -43,13 +43,25 @@ def services_of(request: Request) -> Services:
     return request.app.state.services
 
 
-def jobs_of(request: Request) -> IngestJobs:
+def jobs_for(app: FastAPI) -> IngestJobs:
     """The app's upload jobs, made on first use (uploads go under the data dir of that moment)."""
-    state = request.app.state
+    state = app.state
     jobs = getattr(state, "ingest_jobs", None)
     if jobs is None:
-        jobs = state.ingest_jobs = IngestJobs(services_of(request), data_dir() / UPLOADS_DIRNAME)
+        jobs = state.ingest_jobs = IngestJobs(state.services, data_dir() / UPLOADS_DIRNAME)
     return jobs
+
+
+def jobs_of(request: Request) -> IngestJobs:
+    return jobs_for(request.app)
+
+
+def resume_uploads(app: FastAPI) -> IngestJob | None:
+    """At start-up: ingest uploads a killed server saved but did not finish indexing."""
+    services: Services = app.state.services
+    if services.embedder is None or services.index_path is None:
+        return None
+    return jobs_for(app).resume_pending()
 
 
 def document_json(document: DocumentInfo, jobs: IngestJobs | None = None) -> dict:
