@@ -9,6 +9,10 @@ past the system message; the questions vary. One JSON line per case:
     engine ssd_hit        a new Engine on the same folder (a restart), another question on each
                           context: its blocks are read from SSD (and promoted into RAM)
     engine ram_hit        the restarted engine, a third question on each context: RAM hits
+    engine next_turn      the restarted engine: a 24-token answer to the third question, then
+                          the next turn (the chat so far + a follow-up): the answer's blocks hit
+    engine burst          --burst requests on one new context submitted together to a fresh
+                          engine: the shared prefix should be computed once (computed_tokens)
     mlx_lm cold           stream_generate on the whole prompt
     mlx_lm prompt_cache   mlx-lm's own prompt cache: the prompt's common prefix with the cold
                           prompt prefilled (untimed) into a make_prompt_cache() cache, as
@@ -19,6 +23,7 @@ Every request generates one token (TTFT is the prefill). The cases interleave pe
 shared machine hits all of them alike; still, compare within one run only.
 
     .venv/bin/python benchmarks/prefix_cache.py                  # default chat model, ~minutes
+    .venv/bin/python benchmarks/prefix_cache.py --burst 0        # without the burst case
     .venv/bin/python benchmarks/prefix_cache.py --contexts 2 --context-tokens 1024
 """
 
@@ -30,13 +35,14 @@ import json
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import inference  # noqa: F401  (loads the BLAS before mlx)
 from inference.chat_model import default_chat_model, resolve_chat_model
-from inference.engine import Engine, EngineConfig, GenerationRequest
+from inference.engine import Engine, EngineConfig, GenerationRequest, StepRecord
 from inference.sampling import SamplingParams
 from inference.stopping import StopParams
 
@@ -114,6 +120,68 @@ def ttft_engine(engine: Engine, prompt: Sequence[int]) -> tuple[float, int]:
     return time.perf_counter() - start, chunks[-1].usage.cached_tokens
 
 
+def answer(engine: Engine, prompt: Sequence[int], max_tokens: int) -> list[int]:
+    request = GenerationRequest(
+        tuple(prompt), SamplingParams(temperature=0), StopParams(max_tokens=max_tokens)
+    )
+    return [t for chunk in engine.submit(request) for t in chunk.token_ids]
+
+
+def burst(path: Path, config: EngineConfig, prompts: list[list[int]]) -> dict:
+    """Submit prompts together to a fresh engine; TTFT of each and the prompt tokens computed."""
+    records: list[StepRecord] = []
+    engine = Engine.from_path(path, config=config, on_step=records.append)
+    ttft_engine(engine, engine.apply_chat_template(messages("warm up", "ok?")))
+    records.clear()
+    times: list[float] = [0.0] * len(prompts)
+    start = time.perf_counter()
+    handles = [
+        engine.submit(
+            GenerationRequest(
+                tuple(p),
+                SamplingParams(temperature=0),
+                StopParams(max_tokens=1),
+                ignore_eos=True,
+                request_id=f"burst{i}",
+            )
+        )
+        for i, p in enumerate(prompts)
+    ]
+
+    def first_chunk(i: int) -> None:
+        for _ in handles[i]:
+            times[i] = time.perf_counter() - start
+            break
+        list(handles[i])
+
+    threads = [threading.Thread(target=first_chunk, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    engine.close()
+    lengths = {f"burst{i}": len(p) for i, p in enumerate(prompts)}
+    computed = sum(
+        min(item.num_tokens, lengths[item.request_id] - item.start_position)
+        for record in records
+        for item in record.items
+        if item.start_position < lengths[item.request_id]
+    )
+    line = {
+        "bench": "prefix_cache",
+        "system": "engine",
+        "case": "burst",
+        "n": len(prompts),
+        "ttft_p50_s": round(statistics.median(times), 3),
+        "ttft_max_s": round(max(times), 3),
+        "prompt_tokens": sum(lengths.values()),
+        "shared_prefix_tokens": min(common_prefix(prompts[0], p) for p in prompts[1:]),
+        "computed_tokens": computed,  # prompt tokens run through the model, all requests
+    }
+    print(json.dumps(line), flush=True)
+    return line
+
+
 def ttft_mlx(model, tokenizer, prompt: Sequence[int], prompt_cache=None) -> float:
     start = time.perf_counter()
     for _ in stream_generate(
@@ -150,6 +218,9 @@ def main() -> None:
         help="the engine's prefill chunk (its default unless given)",
     )
     parser.add_argument("--no-mlx-lm", action="store_true", help="skip the mlx-lm baseline")
+    parser.add_argument(
+        "--burst", type=int, default=8, help="requests in the burst case (0: skip it)"
+    )
     args = parser.parse_args()
     if args.contexts * 3 > len(QUESTIONS):
         parser.error(f"--contexts must be <= {len(QUESTIONS) // 3}")
@@ -209,6 +280,17 @@ def main() -> None:
                 ttft_mlx(model, tokenizer, prompts[2][k][shared:], copy.deepcopy(prompt_cache))
             )
             mlx_cached.append(shared)
+    # 3. The next turn of each chat: the answer's blocks were cached when it finished.
+    turns = []
+    for k, ctx in enumerate(contexts):
+        reply = restarted.decode(answer(restarted, prompts[2][k], 24))
+        chat = [
+            *messages(ctx, QUESTIONS[k + 2 * n]),
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "Say that again in one sentence."},
+        ]
+        prompt = restarted.apply_chat_template(chat)
+        turns.append((prompt, ttft_engine(restarted, prompt)))
     stats = restarted.prefix_cache_stats()
     restarted.close()
 
@@ -222,6 +304,13 @@ def main() -> None:
     report("engine", "cold", times(cold), prompts[0], hits(cold))
     report("engine", "ssd_hit", times(ssd), prompts[1], hits(ssd))
     report("engine", "ram_hit", times(ram), prompts[2], hits(ram))
+    report(
+        "engine",
+        "next_turn",
+        times(t for _, t in turns),
+        [p for p, _ in turns],
+        hits(t for _, t in turns),
+    )
     if not args.no_mlx_lm:
         report("mlx_lm", "cold", mlx_cold, prompts[0], [])
         report("mlx_lm", "prompt_cache", mlx_hits, prompts[2], mlx_cached)
@@ -238,6 +327,14 @@ def main() -> None:
     }
     print(json.dumps(line), flush=True)
     shutil.rmtree(cache_dir, ignore_errors=True)
+
+    # 4. A burst of requests on one new context (index n: no block of it is cached anywhere).
+    if args.burst > 1:
+        ctx = context(n, args.context_tokens, plain.count_tokens)
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.burst)]
+        burst_prompts = [plain.apply_chat_template(messages(ctx, q)) for q in questions]
+        burst_config = config(max_num_seqs=max(args.burst, 16), prefix_cache_ssd_bytes=0)
+        burst(path, burst_config, burst_prompts)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -14,18 +14,23 @@ the engine thread owns every MLX array, the scheduler and the KV cache, and loop
        that the histories its penalties read are complete
 
 So Python's work for one step overlaps the model's work for the next, as mlx-lm's generate_step
-does; a request that stops has one wasted token computed. A long prompt is prefilled in
-budget-sized chunks beside the running decodes, so it never freezes the other streams; a
-cancelled request leaves the batch at the next step scheduled after the cancel.
+does; a request that stops has one wasted token computed. A step that samples some request's
+first token is delivered before the next launch instead: on a CPU, MLX's async_eval computes
+most of a step before it returns, so launching first would add a decode step to that request's
+time to first token. A long prompt is prefilled in budget-sized chunks beside the running
+decodes, so it never freezes the other streams; a cancelled request leaves the batch at the next
+step scheduled after the cancel.
 
-The prefix cache (prefix_cache.py) joins the loop at three points:
+The prefix cache (prefix_cache.py, through engine_prefix.py) joins the loop at four points:
 
-    1. admission: the prompt's block keys are looked up; the scheduler counts the blocks found
-       (all but the last prompt token at most) as computed
+    1. admission: the prompt is looked up; the scheduler counts the tokens found (all but the
+       last prompt token at most) as computed. A request whose blocks are being read from SSD,
+       or computed by another request, waits outside the scheduler until they are cached
     3. launch: a request's first step loads the found blocks into its slot first; after the
        step's passes, every block its chunk completed is copied out of the slot into RAM, so
        even a request cancelled mid-prefill leaves its prefix behind
     5. completion: the blocks of the step just computed are spilled to SSD (write-behind)
+    6. finish: the blocks and tail of a finished request's answer are cached too
 
 Ignores: HTTP and chat formats (callers pass token ids; `apply_chat_template` helps), speculative
 decoding, and several models (one engine, one model; a pool of engines is the model pool's job).
@@ -43,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.backend import GenerationChunk, GenerationError, GenerationRequest, Usage
+from inference.engine_prefix import PrefixSharing
 from inference.engine_requests import RequestState
 from inference.engine_stream import GenerationHandle
 from inference.engine_types import (
@@ -99,6 +105,7 @@ class _InFlight:
     tokens: mx.array | None = None  # (rows,) lazy
     logits: mx.array | None = None  # the rows sampled, for logprobs
     stored_keys: list[str] = field(default_factory=list)  # prefix blocks the step computed
+    has_first_token: bool = False  # some request samples its first token
 
 
 class Engine:
@@ -144,15 +151,19 @@ class Engine:
         self._scheduler = Scheduler(
             self.config.scheduler_config(), CountingKVCapacity(max_kv_tokens)
         )
-        self._prefix_cache_off = ""  # why there is no prefix cache
-        self._prefix_cache = self._make_prefix_cache(model, model_fingerprint)
-        self._on_step = on_step
-        self._states: dict[str, RequestState] = {}  # engine thread only
-        self._num_steps = 0
-
         # Shared with callers' threads, under _lock.
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
+
+        self._prefix_cache_off = ""  # why there is no prefix cache
+        self._prefix_cache = self._make_prefix_cache(model, model_fingerprint)
+        self._prefix = (
+            None if self._prefix_cache is None else PrefixSharing(self._prefix_cache, self._runner)
+        )
+        self._on_step = on_step
+        self._states: dict[str, RequestState] = {}  # engine thread only, parked ones included
+        self._num_steps = 0
+
         self._inbox: list[tuple[GenerationRequest, GenerationHandle]] = []
         self._cancelled: set[str] = set()
         self._active_ids: set[str] = set()
@@ -206,7 +217,14 @@ class Engine:
             fingerprint = f"in-memory-{uuid.uuid4().hex}"  # keys valid for this engine only
         elif config.prefix_cache_ssd_bytes > 0:
             ssd_dir = (config.prefix_cache_dir or data_dir() / "kv-cache") / fingerprint
-        return PrefixCache(config.prefix_cache_config(ssd_dir), fingerprint)
+        return PrefixCache(
+            config.prefix_cache_config(ssd_dir), fingerprint, on_read=self._wake_for_reads
+        )
+
+    def _wake_for_reads(self) -> None:
+        """The SSD reader finished blocks (on its thread): an idle engine thread takes them in."""
+        with self._lock:
+            self._wakeup.notify()
 
     # -- GenerationBackend ---------------------------------------------------------------------
 
@@ -305,6 +323,9 @@ class Engine:
         in_flight: _InFlight | None = None
         try:
             while self._take_inbox(wait=in_flight is None):
+                if in_flight is not None and in_flight.has_first_token:
+                    self._complete(in_flight)  # time to first token: see the module docstring
+                    in_flight = None
                 # 2-3. Schedule and launch the next step; it computes while ...
                 launched = self._launch()
                 # 5-6. ... the step before is stopped, detokenized and delivered.
@@ -323,15 +344,27 @@ class Engine:
             for handle in pending + [state.handle for state in self._states.values()]:
                 handle.fail(error)
             self._states.clear()
+            if self._prefix is not None and isinstance(error, EngineClosedError):
+                self._prefix.spill_finished()  # a clean close: the last answers' blocks too
             if self._prefix_cache is not None:
                 self._prefix_cache.close()  # finishes the queued SSD writes
 
     def _take_inbox(self, *, wait: bool) -> bool:
         """Step 1: admit new requests and drop cancelled ones; False once closing."""
-        if wait and not self._states:
-            mx.clear_cache()  # going idle: hand freed buffers back
+        prefix = self._prefix
+        if wait and not self._has_work():
+            if prefix is not None:
+                prefix.spill_finished()
+            if not self._states:
+                mx.clear_cache()  # going idle: hand freed buffers back
         with self._lock:
-            while wait and not (self._closing or self._inbox or self._cancelled or self._states):
+            while wait and not (
+                self._closing
+                or self._inbox
+                or self._cancelled
+                or self._has_work()
+                or (prefix is not None and prefix.has_ready())
+            ):
                 self._wakeup.wait()
             if self._closing:
                 return False
@@ -346,23 +379,36 @@ class Engine:
                 max_model_len=self._max_model_len,
             )
             self._states[request.request_id] = state
-            self._scheduler.add_request(
-                request.request_id,
-                len(request.prompt_ids),
-                num_cached_tokens=self._lookup_prefix(state),
-            )
+            self._admit(state)
+        if prefix is not None:
+            for state in prefix.take_ready():  # their blocks were read, stored or abandoned
+                if state.request_id in self._states:
+                    self._admit(state)
         for request_id in cancelled:
             self._abort(request_id)
         return True
+
+    def _has_work(self) -> bool:
+        """Requests in the scheduler (parked ones wait for blocks, not for a step)."""
+        return bool(self._scheduler.running_ids or self._scheduler.waiting_ids)
+
+    def _admit(self, state: RequestState) -> None:
+        """Into the scheduler, with the prompt tokens the prefix cache holds; or parked."""
+        num_cached = 0 if self._prefix is None else self._prefix.admit(state)
+        if num_cached is None:
+            return  # it waits for blocks being read or computed; take_ready brings it back
+        self._scheduler.add_request(
+            state.request_id, len(state.request.prompt_ids), num_cached_tokens=num_cached
+        )
 
     def _abort(self, request_id: str) -> None:
         state = self._states.pop(request_id, None)
         if state is None:
             return  # finished in the meantime
         self._scheduler.abort(request_id)
+        if self._prefix is not None:
+            self._prefix.finish(state)
         self._runner.release(request_id)
-        if self._prefix_cache is not None:
-            self._prefix_cache.release(request_id)
         self._forget([request_id])
         state.handle.put(state.cancelled_chunk())
 
@@ -384,13 +430,15 @@ class Engine:
         for request_id in step.preempted_ids:
             # Its KV goes with its slot; a prefix still cached spares part of the recompute.
             self._runner.release(request_id)
-            preempted = self._states[request_id]
-            preempted.restore = None
-            num_cached = self._lookup_prefix(preempted)
-            self._scheduler.set_num_cached_tokens(request_id, num_cached)
+            if self._prefix is not None:
+                num_tokens = self._scheduler.num_tokens(request_id)
+                num_cached = self._prefix.readmit(self._states[request_id], num_tokens - 1)
+                self._scheduler.set_num_cached_tokens(request_id, num_cached)
+        prefix = self._prefix
         for state in states:
             if state.restore is not None:
-                self._restore_prefix(state)
+                assert prefix is not None
+                prefix.restore(state)
         out = self._runner.execute(
             step,
             {state.request_id: state.token_ids for state in states},
@@ -398,62 +446,12 @@ class Engine:
         )
         assert len(set(out.request_ids)) == len(out.request_ids), "one token per request per step"
         outputs = [] if out.logits is None else [out.logits]
-        stored_keys, stored_arrays = self._store_prefix_blocks(step)
+        stored_keys: list[str] = []
+        stored_arrays: list[mx.array] = []
+        if prefix is not None:
+            stored_keys, stored_arrays = prefix.store(step, states)
         mx.async_eval(*outputs, *self._runner.cache.arrays(), *stored_arrays)
         return _InFlight(step, out, started, stored_keys=stored_keys)
-
-    # -- the prefix cache (engine thread) ------------------------------------------------------
-
-    def _lookup_prefix(self, state: RequestState) -> int:
-        """Find the prompt's cached blocks; returns the prompt tokens the request may skip."""
-        cache = self._prefix_cache
-        if cache is None or not cache.enabled:
-            return 0
-        prompt = state.request.prompt_ids
-        if not state.block_keys:
-            state.block_keys = cache.keys(prompt)
-        hit = cache.lookup(state.request_id, state.block_keys)
-        state.num_stored_blocks = max(state.num_stored_blocks, len(hit.blocks))
-        # The last prompt token always runs: its logits give the first output token.
-        state.num_cached_tokens = min(hit.num_tokens, len(prompt) - 1)
-        state.restore = hit if state.num_cached_tokens > 0 else None
-        return state.num_cached_tokens
-
-    def _restore_prefix(self, state: RequestState) -> None:
-        """The request's first step: its slot starts with the cached blocks."""
-        assert state.restore is not None
-        assert self._runner.cache.slot_of(state.request_id) is None, "restore into a used slot"
-        keys, values = state.restore.kv(state.num_cached_tokens)
-        self._runner.restore(state.request_id, keys, values)
-        state.restore = None
-
-    def _store_prefix_blocks(self, step: ScheduledStep) -> tuple[list[str], list[mx.array]]:
-        """Copy every prompt block the step completed out of its slot into the cache."""
-        cache = self._prefix_cache
-        if cache is None or not cache.enabled:
-            return [], []
-        block_size = cache.config.block_size
-        stored_keys: list[str] = []
-        arrays: list[mx.array] = []
-        for item in step.items:
-            state = self._states[item.request_id]
-            end = item.start_position + item.num_tokens
-            num_complete = min(end // block_size, len(state.block_keys))
-            while state.storing and state.num_stored_blocks < num_complete:
-                index = state.num_stored_blocks
-                start = index * block_size
-                keys, values = self._runner.cache.read(state.request_id, start, start + block_size)
-                key = state.block_keys[index]
-                parent = state.block_keys[index - 1] if index else None
-                new = cache.store(state.request_id, key, parent, keys, values)
-                if new is None:
-                    state.storing = False
-                    break
-                if new:
-                    stored_keys.append(key)
-                    arrays.extend(new)
-                state.num_stored_blocks += 1
-        return stored_keys, arrays
 
     def _sample(self, launched: _InFlight) -> _InFlight:
         """Step 4: draw one token per request that reached its last token; start computing it."""
@@ -477,6 +475,7 @@ class Engine:
             state.pending = tokens[row]  # the next step's input, before its value is known
             self._scheduler.record_output(state.request_id, 1)
         launched.states, launched.tokens, launched.logits = states, tokens, logits
+        launched.has_first_token = any(not state.output_ids for state in states)
         return launched
 
     def _complete(self, done: _InFlight) -> None:
@@ -487,6 +486,10 @@ class Engine:
             token_ids: list[int] = []
         else:
             token_ids = done.tokens.tolist()
+        if self._prefix is not None:
+            # The step (and the finishes before it) computed: their blocks' host copies are
+            # cheap now. Spilled before this step's finishes store theirs, which wait a step.
+            self._prefix.spill(done.stored_keys)
         logprobs: list[Any] = [None] * len(states)
         if done.logits is not None and any(state.sampling.logprobs for state in states):
             params = [state.sampling for state in states]
@@ -502,9 +505,9 @@ class Engine:
             chunk = state.accept(token_id, token_logprobs)
             if chunk.finish_reason is not None:
                 self._scheduler.finish(state.request_id)
+                if self._prefix is not None:
+                    self._prefix.finish(state)  # before its slot goes: it caches the answer
                 self._runner.release(state.request_id)
-                if self._prefix_cache is not None:
-                    self._prefix_cache.release(state.request_id)
                 del self._states[state.request_id]
                 finished.append(state.request_id)
             chunks.append((state.handle, chunk))
@@ -513,8 +516,6 @@ class Engine:
             self._num_running = len(self._scheduler.running_ids)
         for handle, chunk in chunks:
             handle.put(chunk)
-        if done.stored_keys and self._prefix_cache is not None:
-            self._prefix_cache.spill(done.stored_keys)  # computed by now: host copies are cheap
 
         self._num_steps += 1
         if self._num_steps % CLEAR_CACHE_EVERY == 0:

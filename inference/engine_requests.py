@@ -3,9 +3,10 @@
     token_ids = prompt + output known on the host        (what the runner reads)
     pending   = the next token, still a lazy MLX scalar  (the step in flight samples it)
 
-With a prefix cache, `block_keys` name the prompt's full blocks; the first `num_stored_blocks`
-of them are cached (found at admission or stored as prefill went), and `restore` holds the
-found blocks until the request's first step loads them into its slot.
+With a prefix cache, `block_keys` name the full blocks of the known tokens (prompt, then output
+as it grows); the first `num_stored_blocks` of them are cached (found at admission or stored as
+the request went), and `restore` holds the found blocks until the request's first step loads
+`num_restore_tokens` of them into its slot.
 
 `accept` turns a sampled token into the request's next chunk: it runs stop tokens, stop strings
 and max_tokens through the StopChecker and the UTF-8-safe detokenizer.
@@ -39,10 +40,13 @@ class RequestState:
     output_ids: list[int] = field(default_factory=list)
     pending: mx.array | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache
-    block_keys: list[str] = field(default_factory=list)  # chained keys of the prompt's blocks
+    block_keys: list[str] = field(default_factory=list)  # chained keys of the full blocks
     num_stored_blocks: int = 0  # leading blocks in the prefix cache (found or stored)
     storing: bool = True  # False once a block could not be cached: later ones are unreachable
     restore: PrefixHit | None = None  # found blocks, loaded into the slot at the first step
+    num_restore_tokens: int = 0  # ... this many of their tokens
+    ssd_checked: bool = False  # the SSD tier was asked for its blocks (once per request)
+    prompt_tail_stored: bool = False  # the prompt's last, partial block is cached
 
     @classmethod
     def make(

@@ -8,7 +8,13 @@ key names the block's tokens *and* everything before them:
                  root = H("prefix-cache", fp), fp = the model's fingerprint (model_fingerprint.py)
 
 Two prompts share the keys of their common full blocks and no others. H is blake2b over
-little-endian uint32 ids, so keys are the same in every process and on every machine.
+little-endian uint32 ids, so keys are the same in every process and on every machine. A *tail*
+(a prompt's or a finished answer's last, partial block) gets its own key, T(parent, fp, ids),
+a blake2b with another personalisation, so it never equals a full block's key; it has no children.
+
+Lookups also use a block's first tokens: a prompt that leaves the chain in the middle of block
+i may still reuse the leading tokens it shares with a cached child of block i - 1 (a full block
+or a tail), so a hit loses no tokens at the point where two prompts part.
 
 A `BlockIndex` is one tier (RAM or SSD): which keys it holds, their sizes under a byte budget,
 their parents, pins and recency. It stays prefix-closed (a block's parent is in the same tier),
@@ -53,20 +59,45 @@ def root_key(fingerprint: str) -> str:
 
 def block_keys(token_ids: Sequence[int], block_size: int, fingerprint: str) -> list[str]:
     """Chained keys of the prompt's full blocks (the tail shorter than block_size has none)."""
+    keys: list[str] = []
+    extend_keys(keys, token_ids, block_size, fingerprint)
+    return keys
+
+
+def extend_keys(
+    keys: list[str], token_ids: Sequence[int], block_size: int, fingerprint: str
+) -> None:
+    """Append the keys of token_ids' full blocks past the len(keys) already keyed."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    model = fingerprint.encode()
-    parent = root_key(fingerprint)
-    keys: list[str] = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        block = token_ids[start : start + block_size]
-        digest = hashlib.blake2b(digest_size=_KEY_BYTES)
-        digest.update(bytes.fromhex(parent))
-        digest.update(model)
-        digest.update(struct.pack(f"<{block_size}I", *block))
-        parent = digest.hexdigest()
+    parent = keys[-1] if keys else root_key(fingerprint)
+    for start in range(len(keys) * block_size, len(token_ids) - block_size + 1, block_size):
+        parent = chain_key(parent, token_ids[start : start + block_size], fingerprint, block_size)
         keys.append(parent)
-    return keys
+
+
+def chain_key(
+    parent: str | None, token_ids: Sequence[int], fingerprint: str, block_size: int
+) -> str:
+    """The key of the block holding token_ids after parent (None: the root).
+
+    block_size ids: the full block's chained key; fewer: the key of a tail."""
+    if not 0 < len(token_ids) <= block_size:
+        raise ValueError(f"a block holds 1..{block_size} tokens, got {len(token_ids)}")
+    tail = len(token_ids) < block_size
+    digest = hashlib.blake2b(digest_size=_KEY_BYTES, person=b"kv-tail" if tail else b"")
+    digest.update(bytes.fromhex(parent or root_key(fingerprint)))
+    digest.update(fingerprint.encode())
+    digest.update(struct.pack(f"<{len(token_ids)}I", *token_ids))
+    return digest.hexdigest()
+
+
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids a and b share."""
+    n = min(len(a), len(b))
+    if tuple(a[:n]) == tuple(b[:n]):  # the common case, at C speed
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
 
 
 @dataclass
@@ -96,6 +127,7 @@ class BlockIndex:
         self.num_evictions = 0
         self._entries: dict[str, BlockEntry] = {}
         self._pinned: dict[str, set[str]] = {}  # owner -> keys it pins
+        self._children: dict[str | None, dict[str, None]] = {}  # parent (None: root) -> keys
         self._heap: list[tuple[int, str]] = []  # (last_used, key) of evictable blocks, lazily
         self._clock = 0
 
@@ -110,6 +142,10 @@ class BlockIndex:
 
     def keys(self) -> list[str]:
         return list(self._entries)
+
+    def children(self, parent: str | None) -> list[str]:
+        """Keys whose parent is `parent` (None: the first blocks of prompts)."""
+        return list(self._children.get(parent, ()))
 
     # -- adding and removing -----------------------------------------------------------------
 
@@ -139,6 +175,7 @@ class BlockIndex:
         entry = BlockEntry(key, parent, num_bytes, last_used)
         self._entries[key] = entry
         self.num_bytes += num_bytes
+        self._children.setdefault(parent, {})[key] = None
         if parent is not None:
             self._entries[parent].num_children += 1
         heapq.heappush(self._heap, (entry.last_used, key))
@@ -156,16 +193,12 @@ class BlockIndex:
         """Drop a block and its descendants regardless of pins (it went bad); leaves first."""
         if key not in self._entries:
             return []
-        children: dict[str, list[str]] = {}
-        for entry in self._entries.values():
-            if entry.parent is not None:
-                children.setdefault(entry.parent, []).append(entry.key)
         order: list[str] = []
         stack = [key]
         while stack:  # pre-order; reversed it lists every child before its parent
             current = stack.pop()
             order.append(current)
-            stack.extend(children.get(current, ()))
+            stack.extend(self._children.get(current, ()))
         order.reverse()
         for victim in order:
             for owner in self._entries[victim].owners:
@@ -216,6 +249,10 @@ class BlockIndex:
         entry = self._entries.pop(key)
         assert entry.num_children == 0, f"block {key} still has children"
         self.num_bytes -= entry.num_bytes
+        siblings = self._children[entry.parent]
+        del siblings[key]
+        if not siblings:
+            del self._children[entry.parent]
         if entry.parent is not None:
             parent = self._entries[entry.parent]
             parent.num_children -= 1

@@ -1,15 +1,17 @@
 """SSD tier of the prefix cache: one safetensors file per block, an SQLite index, a writer thread.
 
     <cache root>/<model fingerprint>/
-        index.sqlite        blocks(key, parent, num_bytes, last_used): read once at start-up
+        index.sqlite        blocks(key, parent, num_bytes, last_used, token_ids): read at start-up
         lock                flock'd by the one engine that owns the folder
-        blocks/3f/3fa2....safetensors
-            metadata: format_version, fingerprint, key, parent, num_tokens, checksum (of all else)
-            tensors:  keys, values (layers, kv_heads, block_size, head_dim)
+        blocks/3f/3fa2....safetensors   one block (kv_ssd_format.py): metadata (key, parent,
+                                        fingerprint, checksum ...), keys and values
 
 The engine thread decides (what is stored, what is evicted: a kv_blocks.BlockIndex under the
-byte budget) and reads files itself; every change on disk goes through one writer thread, in
-order, so the engine never waits for a disk write (write-behind). A write is
+byte budget); files are read by a reader thread and written by a writer thread, so the engine
+waits for neither. A read (`request_reads`, results from `take_reads`) loads the file, checks
+its metadata and checksums and converts the tensors (a hook: prefix_cache.py makes MLX arrays)
+before the engine sees it. Every change on disk goes through the writer, in order
+(write-behind). A write is
 
     temp file -> fsync -> rename -> fsync folder -> index row (one commit)
 
@@ -19,6 +21,9 @@ checks (truncated, flipped bits, another model's) is a miss and is deleted with 
 tail, never served. Pending writes are bounded by bytes: when the disk falls behind, new blocks
 are not spilled (counted in `num_dropped`) rather than stalling the engine.
 
+The index keeps each block's token ids, so a lookup can pick a block whose *leading* tokens
+match (kv_blocks.py); the caller checks them against the block's key before use.
+
 Ignores: arrays (numpy in, numpy out; prefix_cache.py converts), which blocks are worth keeping
 (the engine spills every block it stores in RAM), and concurrent engines on one folder (the
 second one runs without an SSD tier).
@@ -27,8 +32,6 @@ second one runs without an SSD tier).
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import queue
@@ -38,25 +41,24 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from inference.kv_blocks import BlockIndex, prefix_closed
+from inference.kv_ssd_format import FORMAT_VERSION, HostTensor, decode_block, encode_block
 
-import numpy as np
+__all__ = ["HostTensor", "SSDRead", "SSDStats", "SSDTier", "decode_block", "encode_block"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
 DEFAULT_MAX_PENDING_BYTES = 256 << 20  # ~0.25 s of an SSD's writes; beyond that, drop spills
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # bf16 travels as raw bits
 
 
 @dataclass(frozen=True)
-class HostTensor:
-    """A tensor on the host: the safetensors dtype code and a numpy array of its bits."""
+class SSDRead:
+    """A finished read: `data` is the converted tensors, or None (missing or failed checks)."""
 
-    dtype: str  # "F32", "F16" or "BF16" (then `array` holds the raw bits as uint16)
-    array: np.ndarray
+    key: str
+    data: object | None
+    error: str | None = None  # why data is None
 
 
 @dataclass(frozen=True)
@@ -69,71 +71,6 @@ class SSDStats:
     num_corrupt: int  # files that failed their checks (misses, deleted)
 
 
-# -- the file format ---------------------------------------------------------------------------
-
-
-def encode_block(metadata: Mapping[str, str], tensors: Mapping[str, HostTensor]) -> list[bytes]:
-    """A safetensors file as byte strings: header length, JSON header, data (checksummed)."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    data: list[bytes] = []
-    offset = 0
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        raw = np.ascontiguousarray(tensor.array).tobytes()
-        header[name] = {
-            "dtype": tensor.dtype,
-            "shape": list(tensor.array.shape),
-            "data_offsets": [offset, offset + len(raw)],
-        }
-        data.append(raw)
-        offset += len(raw)
-    header["__metadata__"]["checksum"] = _checksum(header, data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
-    return [struct.pack("<Q", len(text)), text, *data]
-
-
-def decode_block(raw: bytes, expected: Mapping[str, str]) -> dict[str, HostTensor]:
-    """Parse and check a block file; ValueError says what does not match."""
-    if len(raw) < 8:
-        raise ValueError(f"file of {len(raw)} bytes has no header")
-    (header_len,) = struct.unpack("<Q", raw[:8])
-    if header_len > len(raw) - 8:
-        raise ValueError(f"header of {header_len} bytes in a {len(raw)}-byte file")
-    header = json.loads(raw[8 : 8 + header_len])
-    metadata = header["__metadata__"]
-    for name, value in expected.items():
-        if metadata.get(name) != value:
-            raise ValueError(f"metadata {name}: got {metadata.get(name)!r}, wanted {value!r}")
-    data = memoryview(raw)[8 + header_len :]
-    if _checksum(header, [data]) != metadata.get("checksum"):
-        raise ValueError("checksum mismatch")
-    tensors: dict[str, HostTensor] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        dtype = np.dtype(_DTYPES[info["dtype"]])
-        shape = tuple(info["shape"])
-        if not 0 <= start <= end <= len(data) or end - start != dtype.itemsize * int(
-            np.prod(shape)
-        ):
-            raise ValueError(f"tensor {name}: offsets {start}..{end} do not fit {shape}")
-        array = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
-        tensors[name] = HostTensor(info["dtype"], array)
-    return tensors
-
-
-def _checksum(header: Mapping[str, Any], data: Sequence[bytes | memoryview]) -> str:
-    """blake2b of the header (all but the checksum itself, canonical JSON) and the data."""
-    described = {k: v for k, v in header.items() if k != "__metadata__"}
-    described["__metadata__"] = {k: v for k, v in header["__metadata__"].items() if k != "checksum"}
-    digest = hashlib.blake2b(json.dumps(described, sort_keys=True).encode(), digest_size=16)
-    for part in data:
-        digest.update(part)
-    return digest.hexdigest()
-
-
 # -- the index -----------------------------------------------------------------------------------
 
 
@@ -144,7 +81,13 @@ def _m001_create_blocks(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_create_blocks]
+def _m002_token_ids(db: sqlite3.Connection) -> None:
+    # uint32 little-endian ids of the block's tokens; NULL for blocks stored before: those are
+    # found by their key only.
+    db.execute("ALTER TABLE blocks ADD COLUMN token_ids BLOB")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_create_blocks, _m002_token_ids]
 
 
 def open_index(path: Path) -> sqlite3.Connection:
@@ -173,6 +116,7 @@ class _Write:
     num_bytes: int
     metadata: dict[str, str]
     tensors: dict[str, HostTensor]  # the writer thread encodes and checksums them
+    token_ids: bytes | None  # uint32 little-endian
 
 
 class SSDTier:
@@ -186,8 +130,11 @@ class SSDTier:
         fingerprint: str,
         *,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        convert: Callable[[dict[str, HostTensor]], object] | None = None,
     ) -> SSDTier | None:
-        """The tier in folder, or None (logged) when another engine holds it."""
+        """The tier in folder, or None (logged) when another engine holds it.
+
+        convert: run by the reader thread on a read block's tensors (else they come as is)."""
         folder.mkdir(parents=True, exist_ok=True)
         lock = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -196,7 +143,7 @@ class SSDTier:
             os.close(lock)
             log.warning("prefix cache: %s is in use by another engine; no SSD tier", folder)
             return None
-        return cls(folder, capacity_bytes, fingerprint, lock, max_pending_bytes)
+        return cls(folder, capacity_bytes, fingerprint, lock, max_pending_bytes, convert)
 
     def __init__(
         self,
@@ -205,6 +152,7 @@ class SSDTier:
         fingerprint: str,
         lock_fd: int,
         max_pending_bytes: int,
+        convert: Callable[[dict[str, HostTensor]], object] | None = None,
     ) -> None:
         self.folder = folder
         self.fingerprint = fingerprint
@@ -215,10 +163,16 @@ class SSDTier:
         self._index = BlockIndex(capacity_bytes)
         self._stored: set[str] = set()  # on disk with a row: readable
         self._pending: dict[str, tuple[int, int]] = {}  # key -> (write seq, bytes) queued
+        self._token_ids: dict[str, bytes] = {}  # key -> its token ids, where known
         self._seq = 0
         self.num_writes = self.num_dropped = self.num_corrupt = 0
         self._commands: queue.Queue[tuple[str, object]] = queue.Queue()
         self._done: queue.SimpleQueue[tuple[str, str, int]] = queue.SimpleQueue()
+        self._convert = convert
+        self.on_read: Callable[[], None] | None = None  # called by the reader after each batch
+        self._reads: queue.Queue[list[str] | None] = queue.Queue()
+        self._read_results: queue.SimpleQueue[SSDRead] = queue.SimpleQueue()
+        self._reading: set[str] = set()  # requested, result not taken yet
 
         self._db = open_index(folder / "index.sqlite")
         stale = self._load_index()
@@ -230,14 +184,21 @@ class SSDTier:
             daemon=True,
         )
         self._writer.start()
+        self._reader = threading.Thread(
+            target=self._reader_main, name=f"kv-ssd-read-{fingerprint[:8]}", daemon=True
+        )
+        self._reader.start()
 
     def _load_index(self) -> list[str]:
         """Rows -> the in-memory index (prefix-closed, within budget); returns keys to delete."""
-        rows = self._db.execute("SELECT key, parent, num_bytes, last_used FROM blocks").fetchall()
+        rows = self._db.execute(
+            "SELECT key, parent, num_bytes, last_used, token_ids FROM blocks"
+        ).fetchall()
         by_key = {
             key: (parent or None, num_bytes, last_used)
-            for key, parent, num_bytes, last_used in rows
+            for key, parent, num_bytes, last_used, _ in rows
         }
+        self._token_ids = {key: bytes(ids) for key, _, _, _, ids in rows if ids is not None}
         good = prefix_closed((key, parent) for key, (parent, _, _) in by_key.items())
         children: dict[str | None, list[str]] = {}
         for key in good:
@@ -257,10 +218,13 @@ class SSDTier:
                     continue
                 for victim in evicted:
                     self._stored.discard(victim)
+                    self._token_ids.pop(victim, None)
                     stale.append(victim)
                 self._stored.add(key)
                 next_level.extend(children.get(key, []))
             level = next_level
+        for key in stale:
+            self._token_ids.pop(key, None)
         return stale
 
     # -- engine thread ---------------------------------------------------------------------------
@@ -273,12 +237,22 @@ class SSDTier:
         """The block is on disk or queued for it."""
         return key in self._index
 
+    def children(self, parent: str | None) -> list[tuple[str, tuple[int, ...]]]:
+        """(key, token ids) of the readable blocks after parent whose token ids are known."""
+        out = []
+        for key in self._index.children(parent):
+            ids = self._token_ids.get(key)
+            if ids is not None and key in self._stored:
+                out.append((key, struct.unpack(f"<{len(ids) // 4}I", ids)))
+        return out
+
     def write(
         self,
         key: str,
         parent: str | None,
         tensors: Mapping[str, HostTensor],
         num_tokens: int,
+        token_ids: Sequence[int] | None = None,
     ) -> bool:
         """Queue a block for the disk; False (not queued) when it cannot be spilled now."""
         if key in self._index:
@@ -307,7 +281,12 @@ class SSDTier:
         self._pending[key] = (self._seq, num_bytes)
         entry = self._index.get(key)
         assert entry is not None
-        write = _Write(self._seq, key, parent, entry.last_used, num_bytes, metadata, dict(tensors))
+        ids = None if token_ids is None else struct.pack(f"<{len(token_ids)}I", *token_ids)
+        if ids is not None:
+            self._token_ids[key] = ids
+        write = _Write(
+            self._seq, key, parent, entry.last_used, num_bytes, metadata, dict(tensors), ids
+        )
         self._commands.put(("write", write))
         return True
 
@@ -315,18 +294,53 @@ class SSDTier:
         """The block's tensors, or None (a miss) when it is not on disk or its file is bad."""
         if key not in self._stored:
             return None
-        expected = {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "key": key,
-        }
         try:
-            return decode_block(self._path(key).read_bytes(), expected)
+            return self._load(key)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("prefix cache: dropping SSD block %s: %s", key, exc)
-            self.num_corrupt += 1
-            self._forget(self._index.remove_subtree(key))
+            self._bad(key, repr(exc))
             return None
+
+    def request_reads(self, keys: Sequence[str]) -> list[str]:
+        """Queue reads of readable blocks for the reader thread; returns the keys queued (not
+        those unreadable or queued already). Results come from take_reads, in this order."""
+        batch = [key for key in keys if key in self._stored and key not in self._reading]
+        if batch:
+            self._reading.update(batch)
+            self._reads.put(batch)
+        return batch
+
+    def is_reading(self, key: str) -> bool:
+        return key in self._reading
+
+    def take_reads(self) -> list[SSDRead]:
+        """Finished reads, in the order requested. A failed check drops the block and its
+        descendants (counted in num_corrupt); a block evicted meanwhile is a plain miss."""
+        out: list[SSDRead] = []
+        while True:
+            try:
+                result = self._read_results.get_nowait()
+            except queue.Empty:
+                return out
+            self._reading.discard(result.key)
+            if result.data is None and result.key in self._stored:
+                self._bad(result.key, result.error or "unreadable")
+            out.append(result)
+
+    def has_reads(self) -> bool:
+        """Finished reads are waiting to be taken (any thread may ask)."""
+        return not self._read_results.empty()
+
+    def _load(self, key: str) -> dict[str, HostTensor]:
+        """Read and check a block file (any thread); raises on a missing or bad file."""
+        expected = {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "key": key}
+        with self._path(key).open("rb") as f:
+            raw = f.read()
+        return decode_block(raw, expected)
+
+    def _bad(self, key: str, why: str) -> None:
+        log.warning("prefix cache: dropping SSD block %s: %s", key, why)
+        self.num_corrupt += 1
+        self._forget(self._index.remove_subtree(key))
 
     def touch(self, chain: Sequence[str]) -> None:
         """The chain was used: refresh its recency here and, later, in the index."""
@@ -367,11 +381,13 @@ class SSDTier:
         self.poll()
 
     def close(self) -> None:
-        """Finish the queued writes, stop the writer and release the folder."""
+        """Finish the queued writes, stop the reader and the writer, release the folder."""
         if self._closed:
             return
         self.flush()
         self._closed = True
+        self._reads.put(None)
+        self._reader.join()
         self._commands.put(("stop", None))
         self._writer.join()
         self._db.close()
@@ -392,7 +408,28 @@ class SSDTier:
         for key in keys:
             self._stored.discard(key)
             self._pending.pop(key, None)
+            self._token_ids.pop(key, None)
             self._commands.put(("delete", key))
+
+    # -- reader thread ---------------------------------------------------------------------------
+
+    def _reader_main(self) -> None:
+        while True:
+            batch = self._reads.get()
+            if batch is None:
+                return
+            for key in batch:
+                try:
+                    tensors = self._load(key)
+                    data = tensors if self._convert is None else self._convert(tensors)
+                    result = SSDRead(key, data)
+                except FileNotFoundError:  # deleted meanwhile (evicted): a plain miss
+                    result = SSDRead(key, None, "missing")
+                except Exception as exc:  # a bad file (or a bug) must never reach a request
+                    result = SSDRead(key, None, repr(exc))
+                self._read_results.put(result)
+            if self.on_read is not None:
+                self.on_read()
 
     def _path(self, key: str) -> Path:
         return self._blocks_dir / key[:2] / f"{key}.safetensors"
@@ -443,9 +480,9 @@ class SSDTier:
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute(
-                "INSERT OR REPLACE INTO blocks (key, parent, num_bytes, last_used) "
-                "VALUES (?, ?, ?, ?)",
-                (write.key, write.parent, write.num_bytes, write.last_used),
+                "INSERT OR REPLACE INTO blocks (key, parent, num_bytes, last_used, token_ids) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (write.key, write.parent, write.num_bytes, write.last_used, write.token_ids),
             )
         on_disk.add(write.key)
         self._done.put(("written", write.key, write.seq))

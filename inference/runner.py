@@ -135,12 +135,18 @@ class ModelRunner:
         self.cache.release(request_id)
 
     def restore(
-        self, request_id: str, keys: Sequence[mx.array], values: Sequence[mx.array]
+        self,
+        request_id: str,
+        keys: Sequence[mx.array],
+        values: Sequence[mx.array],
+        num_tokens: int,
     ) -> None:
-        """Give the request a slot holding a cached prefix: per layer (kv_heads, n, head_dim)."""
+        """Give the request a slot holding a cached prefix, from blocks in token order, each
+        (layers, kv_heads, n_i, head_dim); num_tokens: its known tokens (the prompt), for room."""
         slot = self.cache.allocate(request_id)
         assert slot is not None, "more running requests than KV slots"
-        self.cache.load(request_id, keys, values)
+        self.cache.expect(num_tokens)
+        self.cache.load_blocks(request_id, keys, values)
 
     def _slot(self, request_id: str) -> int:
         slot = self.cache.slot_of(request_id)
@@ -166,6 +172,7 @@ class ModelRunner:
             if self.cache.slot_of(item.request_id) is None:
                 slot = self.cache.allocate(item.request_id)
                 assert slot is not None, "more running requests than KV slots"
+                self.cache.expect(len(token_ids[item.request_id]))  # grow once for the prompt
             cached = self.cache.length(item.request_id)
             assert cached == item.start_position, (
                 f"{item.request_id}: scheduled from {item.start_position}, KV holds {cached}"

@@ -18,7 +18,9 @@ attention uses (`offset`, `update_and_fetch`, `make_mask`, `state`).
 
 Memory is rows x the longest row, as with mlx-lm's batch caches (arrays grow on demand and are
 dropped when the last request leaves); a block-structured cache would pay only for what each
-row holds.
+row holds. Growing copies every row, so a new request announces its prompt's length (`expect`)
+and the arrays grow to it at once, and a lone request loading a cached prefix gets arrays built
+straight from the blocks (one copy, no zero-filled rows for requests that are not there).
 
 Ignores: which requests run and how many tokens each (scheduler, runner), token ids, sampling,
 and memory limits (the scheduler's KVCapacity counts tokens).
@@ -71,6 +73,7 @@ class SlotKVCache:
         self.values: list[mx.array | None] = [None] * num_layers
         self._slot_of: dict[str, int] = {}
         self._lengths = [0] * num_slots
+        self._expected_tokens = 0  # the longest row announced: growth goes at least this far
 
     # -- slots ------------------------------------------------------------------------------
 
@@ -101,6 +104,11 @@ class SlotKVCache:
         if not self._slot_of:  # idle: give the memory back
             self.keys = [None] * self.num_layers
             self.values = [None] * self.num_layers
+            self._expected_tokens = 0
+
+    def expect(self, num_tokens: int) -> None:
+        """A row will soon hold num_tokens tokens: the next growth makes room for them at once."""
+        self._expected_tokens = max(self._expected_tokens, num_tokens)
 
     def _move(self, src: int, dst: int) -> None:
         """Copy slot src's tokens into slot dst."""
@@ -147,13 +155,36 @@ class SlotKVCache:
     def load(self, request_id: str, keys: Sequence[mx.array], values: Sequence[mx.array]) -> None:
         """Append tokens to the request's slot: per layer (num_kv_heads, n, head_dim) arrays."""
         assert len(keys) == len(values) == self.num_layers
+        self.load_blocks(request_id, [mx.stack(list(keys))], [mx.stack(list(values))])
+
+    def load_blocks(
+        self, request_id: str, keys: Sequence[mx.array], values: Sequence[mx.array]
+    ) -> None:
+        """Append blocks to the request's slot, in token order: (layers, kv_heads, n_i, head_dim)."""
+        assert len(keys) == len(values) > 0 and keys[0].shape[0] == self.num_layers
         slot = self._slot_of[request_id]
         start = self._lengths[slot]
-        num_tokens = keys[0].shape[1]
-        rows = PassRows((slot,), (start,), num_tokens)
-        for layer in range(self.num_layers):
-            self.write(layer, rows, keys[layer][None], values[layer][None])
-        self._lengths[slot] += num_tokens
+        num_tokens = sum(block.shape[2] for block in keys)
+        end = start + num_tokens
+        capacity = _round_up(max(end, self._expected_tokens))
+        # The only request and no arrays yet: build its row from the blocks, one copy in all.
+        fresh = self.keys[0] is None and start == 0 and len(self._slot_of) == 1
+        for arrays, blocks in ((self.keys, keys), (self.values, values)):
+            for layer in range(self.num_layers):
+                parts = [block[layer] for block in blocks]  # (kv_heads, n_i, head_dim) views
+                if fresh:
+                    heads, _, dim = parts[0].shape
+                    if capacity > end:
+                        parts.append(mx.zeros((heads, capacity - end, dim), parts[0].dtype))
+                    arrays[layer] = mx.concatenate(parts, axis=1)[None]
+                    continue
+                joined = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+                self._grow_layer(arrays, layer, slot + 1, end, joined)
+                array = arrays[layer]
+                assert array is not None
+                array[slot : slot + 1, :, start:end] = joined[None]
+                arrays[layer] = array
+        self._lengths[slot] = end
 
     def read(self, request_id: str, start: int, end: int) -> tuple[list[mx.array], list[mx.array]]:
         """The request's tokens [start, end) per layer, as lazy (num_kv_heads, n, head_dim) views."""
@@ -225,23 +256,37 @@ class SlotKVCache:
         array = self.keys[layer]
         if array is not None and num_rows <= array.shape[0] and num_tokens <= array.shape[2]:
             return  # the common case, once per layer and step: nothing to grow
-        for arrays, new in ((self.keys, keys), (self.values, values)):
-            array = arrays[layer]
-            if array is None:
-                shape = (_grow(0, num_rows, self.num_slots), new.shape[1], 0, new.shape[3])
-                array = mx.zeros(shape, new.dtype)
-            have_rows, heads, have_tokens, dim = array.shape
-            if num_rows > have_rows:
-                more = _grow(have_rows, num_rows, self.num_slots) - have_rows
-                array = mx.concatenate(
-                    [array, mx.zeros((more, heads, have_tokens, dim), array.dtype)]
-                )
-                have_rows += more
-            if num_tokens > have_tokens:
-                more = -(-(num_tokens - have_tokens) // TOKEN_STEP) * TOKEN_STEP
-                zeros = mx.zeros((have_rows, heads, more, dim), array.dtype)
-                array = mx.concatenate([array, zeros], axis=2)
-            arrays[layer] = array
+        self._grow_layer(self.keys, layer, num_rows, num_tokens, keys[0])
+        self._grow_layer(self.values, layer, num_rows, num_tokens, values[0])
+
+    def _grow_layer(
+        self,
+        arrays: list[mx.array | None],
+        layer: int,
+        num_rows: int,
+        num_tokens: int,
+        like: mx.array,
+    ) -> None:
+        """Make arrays[layer] hold num_rows rows of num_tokens; like: a (heads, n, dim) sample."""
+        array = arrays[layer]
+        if array is not None and num_rows <= array.shape[0] and num_tokens <= array.shape[2]:
+            return
+        num_tokens = max(num_tokens, self._expected_tokens)
+        heads, dim = like.shape[-3], like.shape[-1]
+        if array is None:
+            shape = (_grow(0, num_rows, self.num_slots), heads, _round_up(num_tokens), dim)
+            arrays[layer] = mx.zeros(shape, like.dtype)
+            return
+        have_rows, _, have_tokens, _ = array.shape
+        if num_rows > have_rows:
+            more = _grow(have_rows, num_rows, self.num_slots) - have_rows
+            array = mx.concatenate([array, mx.zeros((more, heads, have_tokens, dim), array.dtype)])
+            have_rows += more
+        if num_tokens > have_tokens:
+            more = _round_up(num_tokens) - have_tokens
+            zeros = mx.zeros((have_rows, heads, more, dim), array.dtype)
+            array = mx.concatenate([array, zeros], axis=2)
+        arrays[layer] = array
 
     def arrays(self) -> list[mx.array]:
         """Every K/V array, to evaluate after a step."""
@@ -250,7 +295,12 @@ class SlotKVCache:
 
 def _grow(have: int, need: int, limit: int) -> int:
     """Row capacity: at least double, so joining requests rarely copy the arrays."""
-    return min(limit, max(need, 2 * have, 4))
+    return min(limit, max(need, 2 * have))
+
+
+def _round_up(num_tokens: int) -> int:
+    """Token capacity: a multiple of TOKEN_STEP."""
+    return -(-num_tokens // TOKEN_STEP) * TOKEN_STEP
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,10 @@ class Scheduler:
     def num_computed_tokens(self, request_id: str) -> int:
         return self._requests[request_id].num_computed_tokens
 
+    def num_tokens(self, request_id: str) -> int:
+        """The request's prompt and output tokens so far (the one being sampled included)."""
+        return self._requests[request_id].num_tokens
+
     # -- one step --------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledStep:

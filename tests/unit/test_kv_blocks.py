@@ -6,7 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from inference.kv_blocks import BlockIndex, block_keys, prefix_closed, root_key
+from inference.kv_blocks import (
+    BlockIndex,
+    block_keys,
+    chain_key,
+    common_length,
+    extend_keys,
+    prefix_closed,
+    root_key,
+)
 
 import pytest
 
@@ -128,3 +136,31 @@ def test_prefix_closed_drops_orphans_and_their_descendants() -> None:
     rows = [("a", None), ("b", "a"), ("c", "b"), ("x", "gone"), ("y", "x"), ("z", None)]
     assert prefix_closed(rows) == {"a", "b", "c", "z"}
     assert prefix_closed([("p", "q"), ("q", "p")]) == set()  # a cycle in a damaged index
+
+
+def test_tail_keys_differ_from_full_keys_and_extend_keys_continues_a_chain() -> None:
+    full = block_keys(ids(40), 16, FP)
+    assert chain_key(None, ids(16), FP, 16) == full[0]
+    assert chain_key(full[0], ids(16)[:5], FP, 16) != chain_key(full[0], ids(16)[:6], FP, 16)
+    # A tail never takes the key of the full block it starts.
+    assert chain_key(full[0], ids(32)[16:31], FP, 16) not in full
+    with pytest.raises(ValueError, match=r"1\.\.16"):
+        chain_key(None, [], FP, 16)
+    keys = block_keys(ids(20), 16, FP)
+    extend_keys(keys, ids(40), 16, FP)  # the answer grew the sequence by two blocks
+    assert keys == full
+
+
+def test_common_length_and_children() -> None:
+    assert common_length([1, 2, 3], (1, 2, 4, 5)) == 2
+    assert common_length((1, 2), [1, 2, 3]) == 2
+    assert common_length([], [1]) == 0
+    index = BlockIndex(capacity_bytes=10)
+    chain(index, "ab")
+    chain(index, "c", parent="a")
+    index.add("r", None, 1)
+    assert sorted(index.children("a")) == ["b", "c"] and sorted(index.children(None)) == ["a", "r"]
+    index.evict(1)  # b: the LRU leaf
+    assert index.children("a") == ["c"]
+    index.remove_subtree("a")
+    assert index.children("a") == [] and index.children(None) == ["r"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -219,3 +220,78 @@ def test_index_opens_in_milliseconds(tmp_path: Path) -> None:
     assert tier is not None and keys[-1] in tier and tier.stats().num_blocks == 5000
     tier.close()  # (the rows have no files: reads would be misses)
     assert elapsed < 0.5, f"opening an index of 5000 blocks took {elapsed:.3f} s"
+
+
+def test_files_written_before_crc32_checksums_still_decode() -> None:
+    import hashlib
+    import json
+    import struct
+
+    block = tensors(4)
+    data = [np.ascontiguousarray(block[name].array).tobytes() for name in sorted(block)]
+    header: dict = {"__metadata__": {"key": "k"}}
+    offset = 0
+    for name, raw in zip(sorted(block), data, strict=True):
+        shape = list(block[name].array.shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+    # The first format: blake2b of the canonical header and of the data bytes themselves.
+    digest = hashlib.blake2b(json.dumps(header, sort_keys=True).encode(), digest_size=16)
+    for raw in data:
+        digest.update(raw)
+    header["__metadata__"]["checksum"] = digest.hexdigest()
+    text = json.dumps(header).encode()
+    raw_file = struct.pack("<Q", len(text)) + text + b"".join(data)
+    assert same(decode_block(raw_file, {"key": "k"}), block)
+    damaged = bytearray(raw_file)
+    damaged[-3] ^= 0x10
+    with pytest.raises(ValueError, match="checksum"):
+        decode_block(bytes(damaged), {"key": "k"})
+
+
+def test_the_reader_thread_checks_converts_and_reports_in_order(tmp_path: Path) -> None:
+    keys = chain_keys(3)
+    converted: list[str] = []
+
+    def convert(block: dict[str, HostTensor]) -> dict[str, HostTensor]:
+        converted.append("x")
+        return block
+
+    tier = SSDTier.open(tmp_path, 1 << 20, FP, convert=convert)
+    assert tier is not None
+    fill(tier, keys)
+    woken = threading.Event()
+    tier.on_read = woken.set
+    path = next((tmp_path / "blocks").rglob(f"{keys[2]}.safetensors"))
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+    assert tier.request_reads(keys) == keys
+    assert tier.request_reads(keys[:1]) == []  # already queued
+    assert tier.is_reading(keys[0])
+    assert woken.wait(10)
+    results = tier.take_reads()
+    assert [r.key for r in results] == keys and not tier.is_reading(keys[0])
+    assert same(results[0].data, tensors(0)) and same(results[1].data, tensors(1))  # type: ignore[arg-type]
+    assert results[2].data is None and "checksum" in (results[2].error or "")
+    assert len(converted) == 2  # a bad file never reaches the conversion
+    assert [key in tier for key in keys] == [True, True, False]
+    assert tier.stats().num_corrupt == 1
+    tier.close()
+
+
+def test_token_ids_are_kept_for_partial_matches(tmp_path: Path) -> None:
+    keys = chain_keys(2)
+    tier = SSDTier.open(tmp_path, 1 << 20, FP)
+    assert tier is not None
+    assert tier.write(keys[0], None, tensors(0), 4, [0, 1, 2, 3])
+    assert tier.write(keys[1], keys[0], tensors(1), 4, [4, 5, 6, 7])
+    assert tier.write("tail", keys[0], tensors(2), 2, [4, 5])
+    assert tier.write("unknown", keys[0], tensors(3), 4)  # no token ids: found by key only
+    tier.flush()
+    tier.close()
+    reopened = SSDTier.open(tmp_path, 1 << 20, FP)
+    assert reopened is not None
+    assert reopened.children(None) == [(keys[0], (0, 1, 2, 3))]
+    assert sorted(reopened.children(keys[0])) == [(keys[1], (4, 5, 6, 7)), ("tail", (4, 5))]
+    reopened.close()
