@@ -13,8 +13,9 @@ the lane the acceptance per depth and tokens per cycle. Then one line of pass co
 forward over W = 1..4 new tokens at the prompt's context (a verify pass at depth W - 1) and one
 head step, in ms and as a ratio to the W = 1 decode step.
 
-The head is the model's own (native `mtp.*` or sidecar `mtp_head.safetensors`) when it has one,
-else a random generic head: acceptance is then ~0 and the numbers show the lane's overhead.
+The head is --head, else the model's own (native `mtp.*`, sidecar `mtp_head.safetensors`, or one
+shipped in inference/heads/ for it), else a random generic head: acceptance is then ~0 and the
+numbers show the lane's overhead.
 
     .venv/bin/python benchmarks/mtp.py                       # default chat model, ~a minute
     .venv/bin/python benchmarks/mtp.py --model PATH --tokens 128 --repeats 5
@@ -32,7 +33,7 @@ from pathlib import Path
 import inference  # noqa: F401  (loads the BLAS before mlx)
 from inference.chat_model import default_chat_model
 from inference.mtp_decode import MTPDecoder, Trunk, iter_plain
-from inference.mtp_head import MTPHead, load_head, make_generic_head
+from inference.mtp_head import MTPHead, load_head, load_sidecar_head, make_generic_head
 from inference.sampling import SamplingParams
 
 import mlx.core as mx
@@ -136,7 +137,8 @@ def pass_costs(model, trunk: Trunk, head: MTPHead, prompt: list[int], repeats: i
     mx.eval(head(trunk.embed(prompt), hiddens, head_cache))
 
     def head_step() -> mx.array:
-        out = trunk.lm_head(head(trunk.embed(prompt[-1:]), hiddens[:, -1:], head_cache))
+        hidden = head(trunk.embed(prompt[-1:]), hiddens[:, -1:], head_cache)
+        out = trunk.draft_logits(hidden, head.draft_ids)  # over the draft vocabulary if any
         for c in head_cache:
             c.trim(1)
         return out
@@ -152,12 +154,17 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="mlx-lm folder (default model)")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--head", type=Path, default=None, help="a head file (default: the model's)"
+    )
     args = parser.parse_args()
 
     folder = args.model or default_chat_model()
     model, tokenizer = load(str(folder))
-    head = load_head(folder, model)
+    head = load_sidecar_head(args.head, model) if args.head else load_head(folder, model)
     head_source = head.config.kind if head else "random generic (untrained)"
+    if head is not None and head.draft_ids is not None:
+        head_source += f", draft vocab {head.draft_ids.size}"
     if head is None:
         mx.random.seed(0)
         head = make_generic_head(model)

@@ -65,6 +65,7 @@ class Trunk:
         self.body = text.model
         lm_head = getattr(text, "lm_head", None)
         self.lm_head = lm_head if lm_head is not None else self.body.embed_tokens.as_linear
+        self._rows_memo: tuple[mx.array, mx.array] | None = None  # output_rows of the last ids
         probe = mx.array([[1, 2, 3]])
         expected, got = model(probe), self.lm_head(self.body(probe))
         if expected.shape != got.shape or not mx.allclose(expected, got, atol=1e-4).item():
@@ -74,14 +75,57 @@ class Trunk:
                 "the MTP lane needs logits = lm_head(final hidden)"
             )
 
+    @property
+    def vocab_size(self) -> int:
+        return int(text_model(self.model).args.vocab_size)
+
     def embed(self, token_ids: Sequence[int]) -> mx.array:
         return self.body.embed_tokens(mx.array([list(token_ids)]))
+
+    def output_rows(self, token_ids: mx.array) -> mx.array:
+        """(V', H) dense rows of the output projection for token_ids: hidden @ rows.T gives
+        those tokens' logits (dequantized when the projection is quantized)."""
+        if self._rows_memo is not None and self._rows_memo[0] is token_ids:
+            return self._rows_memo[1]
+        projection = getattr(text_model(self.model), "lm_head", None)
+        if projection is None:
+            projection = self.body.embed_tokens  # tied embeddings
+        if getattr(projection, "bias", None) is not None:
+            raise UnsupportedModelError("a draft vocabulary needs an lm_head without bias")
+        if hasattr(projection, "scales"):
+            rows = mx.dequantize(
+                projection.weight[token_ids],
+                projection.scales[token_ids],
+                None if projection.get("biases") is None else projection.biases[token_ids],
+                group_size=projection.group_size,
+                bits=projection.bits,
+                mode=getattr(projection, "mode", "affine"),
+            )
+        else:
+            rows = projection.weight[token_ids]
+        self._rows_memo = (token_ids, rows)  # holding token_ids keeps the identity check sound
+        return rows
+
+    def draft_logits(self, hidden: mx.array, draft_ids: mx.array | None) -> mx.array:
+        """(..., H) head outputs -> (..., V) logits; -inf outside draft_ids when it is given."""
+        if draft_ids is None:
+            return self.lm_head(hidden)
+        rows = self.output_rows(draft_ids)
+        sub = hidden @ rows.T.astype(hidden.dtype)
+        full = mx.full((*hidden.shape[:-1], self.vocab_size), -mx.inf, dtype=sub.dtype)
+        full[..., draft_ids] = sub
+        return full
 
     def forward(
         self, token_ids: Sequence[int], cache: list, source: HiddenSource
     ) -> tuple[mx.array, mx.array]:
         """(1, L) tokens through the trunk -> ((1, L, H) hiddens for the head, (1, L, V) logits)."""
-        inputs = mx.array([list(token_ids)])
+        return self.forward_batch(mx.array([list(token_ids)]), cache, source)
+
+    def forward_batch(
+        self, inputs: mx.array, cache: list | None, source: HiddenSource
+    ) -> tuple[mx.array, mx.array]:
+        """(B, L) token ids -> ((B, L, H) hiddens for the head, (B, L, V) logits)."""
         if source == "post_norm":
             final = self.body(inputs, cache=cache)
             return final, self.lm_head(final)
@@ -260,7 +304,8 @@ class MTPDecoder:
         for j in range(self.depth):
             if j:
                 hidden = self.head(self.trunk.embed(draft_ids[-1:]), hidden, self.head_cache)
-            q = np.array(self._probs(self.trunk.lm_head(hidden)[0], [self.output_ids + draft_ids]))
+            logits = self.trunk.draft_logits(hidden, self.head.draft_ids)[0]
+            q = np.array(self._probs(logits, [self.output_ids + draft_ids]))
             u = keyed_uniform(self.seed, n + 1 + j, Purpose.DRAFT)
             draft_ids.append(draw(q[0], u))
             rows.append(q[0])

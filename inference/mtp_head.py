@@ -10,13 +10,19 @@ The layout is the one Qwen3-Next / Qwen3.5 checkpoints ship as `mtp.*` tensors:
 
 `out` also stands in for h at the next depth (D2 / D3 run the same head on its own output).
 
+A head may draft from a subset of the vocabulary (`draft_ids`, the tokens the fitted trunk emits
+most): its logits are then out @ lm_head[draft_ids].T, a quarter of the cost on a CPU, and every
+other token has draft probability 0 (the acceptance rule stays exact).
+
 Two ways to get one:
 - native: the `mtp.*` tensors of a Hugging Face Qwen3-Next / Qwen3.5 checkpoint, which mlx-lm's
   `sanitize` drops, read here from the model folder. Blocks are the trunk's own full-attention
   layer class; the checkpoint's zero-centred RMSNorm gains get +1, as mlx-lm does for the trunk.
 - generic: the same shape for any mlx-lm model, with mlx-lm llama blocks sized from the trunk's
-  config; random at first, saved and loaded as a sidecar `mtp_head.safetensors` in the model
-  folder (mlx-lm's loader reads only `model*.safetensors`, so it never sees the sidecar).
+  config; random at first (`mtp_fit` fits one), saved and loaded as a sidecar
+  `mtp_head.safetensors` in the model folder (mlx-lm's loader reads only `model*.safetensors`,
+  so it never sees the sidecar), or shipped in this package's `heads/` folder for a model the
+  appliance installs, matched by the GGUF it was converted from or the folder's fingerprint.
 
 Which trunk hidden state feeds the head (before or after the trunk's final norm) differs by family
 and is probed by acceptance; it travels with the head as `HeadConfig.hidden_source`.
@@ -28,13 +34,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from inference.gguf_convert import read_conversion_record
+from inference.model_fingerprint import fingerprint_model_dir, parameters_dtype
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
@@ -45,6 +56,8 @@ HIDDEN_SOURCES: tuple[HiddenSource, ...] = ("pre_norm", "post_norm")
 SIDECAR_NAME = "mtp_head.safetensors"
 SIDECAR_FORMAT = "rag-mtp-head"
 SIDECAR_VERSION = "1"
+DRAFT_IDS_KEY = "draft_ids"  # sidecar tensor: the draft vocabulary, absent for the full one
+PACKAGED_HEADS_DIR = Path(__file__).parent / "heads"
 # Families whose checkpoints carry native `mtp.*` weights in this layout.
 NATIVE_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 _MTP_KEY = re.compile(r"^(?:.*\.)?mtp\.(.+)$")
@@ -95,6 +108,21 @@ class MTPHead(nn.Module):
         self.layers = layers
         self.norm = nn.RMSNorm(hidden_size, eps=eps)
         self.config = config
+        self._draft_ids: mx.array | None = None  # underscore: not a parameter, never trained
+
+    @property
+    def draft_ids(self) -> mx.array | None:
+        """(V',) sorted int32 token ids the head drafts from; None drafts from the whole vocab."""
+        return self._draft_ids
+
+    def set_draft_ids(self, token_ids: Sequence[int] | mx.array | None) -> None:
+        if token_ids is None:
+            self._draft_ids = None
+            return
+        ids = sorted({int(t) for t in np.array(token_ids).reshape(-1).tolist()})
+        if not ids or ids[0] < 0:
+            raise ValueError(f"draft ids must be non-empty and >= 0, got {len(ids)} ids")
+        self._draft_ids = mx.array(ids, dtype=mx.int32)
 
     def __call__(self, embeddings: mx.array, hiddens: mx.array, cache: list[KVCache]) -> mx.array:
         """(B, L, H) embeddings of x_{t+1} and trunk hiddens h_t -> (B, L, H) head outputs."""
@@ -162,8 +190,9 @@ def sidecar_path(model_dir: Path) -> Path:
     return Path(model_dir) / SIDECAR_NAME
 
 
-def save_head(head: MTPHead, path: Path) -> None:
-    """Write a generic head as a sidecar safetensors file (config in the metadata)."""
+def save_head(head: MTPHead, path: Path, info: Mapping[str, Any] | None = None) -> None:
+    """Write a generic head as a sidecar safetensors file (config, and `info` such as how it was
+    fitted, in the metadata; the draft vocabulary as one more tensor)."""
     if head.config.kind != "generic":
         raise ValueError(f"only generic heads are saved as sidecars, got a {head.config.kind} head")
     config = {
@@ -172,7 +201,21 @@ def save_head(head: MTPHead, path: Path) -> None:
         "block_args": dict(head.config.block_args),
     }
     metadata = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "config": json.dumps(config)}
-    mx.save_safetensors(str(path), dict(tree_flatten(head.parameters())), metadata=metadata)
+    if info is not None:
+        metadata["info"] = json.dumps(dict(info))
+    tensors = dict(tree_flatten(head.parameters()))
+    if head.draft_ids is not None:
+        tensors[DRAFT_IDS_KEY] = head.draft_ids
+    mx.save_safetensors(str(path), tensors, metadata=metadata)
+
+
+def read_sidecar_info(path: Path) -> dict[str, Any]:
+    """A sidecar's `info` metadata ({} when it has none), read from the header alone."""
+    with Path(path).open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    metadata = header.get("__metadata__", {})
+    return json.loads(metadata["info"]) if "info" in metadata else {}
 
 
 def load_sidecar_head(path: Path, model: nn.Module) -> MTPHead:
@@ -190,8 +233,42 @@ def load_sidecar_head(path: Path, model: nn.Module) -> MTPHead:
         hidden_source=config["hidden_source"],
         block_args=config["block_args"],
     )
+    draft_ids = weights.pop(DRAFT_IDS_KEY, None)
+    vocab_size = text_model(model).args.vocab_size
+    if draft_ids is not None and int(mx.max(draft_ids).item()) >= vocab_size:
+        raise HeadLoadError(
+            f"{path}: draft ids reach {int(mx.max(draft_ids).item())}, want < vocab {vocab_size}"
+        )
     _load_strict(head, weights, str(path))
+    # A head shipped as fp16 runs in the trunk's float dtype (fp16 matmuls skip BLAS on a CPU).
+    dtype = text_model(model).model.embed_tokens.weight.dtype
+    if mx.issubdtype(dtype, mx.floating):
+        head.set_dtype(dtype)
+        mx.eval(head.parameters())
+    head.set_draft_ids(draft_ids)
     return head
+
+
+def packaged_head_path(model_dir: Path, model: nn.Module) -> Path | None:
+    """A head shipped in `heads/` that was fitted on this model: same GGUF source (any dtype it
+    was converted to) or the same folder fingerprint; None when none matches."""
+    candidates = sorted(PACKAGED_HEADS_DIR.glob("*.safetensors"))
+    if not candidates:
+        return None
+    record = read_conversion_record(Path(model_dir))
+    source_sha = record.source.sha256 if record and record.source else None
+    fingerprint: str | None = None
+    for path in candidates:
+        info = read_sidecar_info(path)
+        if source_sha and info.get("gguf_sha256") == source_sha:
+            return path
+        if "trunk_fingerprint" in info:
+            if fingerprint is None:
+                dtype = parameters_dtype(v for _, v in tree_flatten(model.parameters()))
+                fingerprint = fingerprint_model_dir(model_dir, dtype)
+            if info["trunk_fingerprint"] == fingerprint:
+                return path
+    return None
 
 
 # -- native heads --------------------------------------------------------------------------------
@@ -318,10 +395,13 @@ def _load_strict(head: MTPHead, weights: Mapping[str, mx.array], source: str) ->
 def load_head(
     model_dir: Path, model: nn.Module, *, hidden_source: HiddenSource = "post_norm"
 ) -> MTPHead | None:
-    """The model's native head if its checkpoint has one, else its sidecar, else None."""
+    """The model's native head if its checkpoint has one, else its sidecar, else a packaged head
+    fitted on it, else None."""
     head = None
     if getattr(model, "model_type", None) in NATIVE_FAMILIES:
         head = load_native_head(model_dir, model, hidden_source=hidden_source)
     if head is None and sidecar_path(model_dir).is_file():
         head = load_sidecar_head(sidecar_path(model_dir), model)
+    if head is None and (packaged := packaged_head_path(model_dir, model)) is not None:
+        head = load_sidecar_head(packaged, model)
     return head
