@@ -22,6 +22,12 @@ from inference.stopping import StopParams
 
 # OpenAI's "stop" and "length", plus "cancelled" for a request that left before finishing.
 FinishReason = Literal["stop", "length", "cancelled"]
+# "auto": the backend picks (the speculative MTP lane when the model has a head, load is low, and
+# speculation cannot change a seeded sample: greedy or unseeded); "mtp": the lane whenever load
+# is low, seeded or not (same distribution, another sample than plain decoding's for the seed);
+# "ar": plain autoregressive decoding only (a live A/B switch).
+GenerationMode = Literal["auto", "ar", "mtp"]
+GENERATION_MODES: tuple[str, ...] = ("auto", "ar", "mtp")
 
 
 def make_request_id() -> str:
@@ -37,9 +43,15 @@ class GenerationRequest:
     stop: StopParams = field(default_factory=StopParams)
     request_id: str = field(default_factory=make_request_id)
     ignore_eos: bool = False  # True: the model's EOS tokens do not stop it (benchmarks)
+    generation_mode: GenerationMode = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))
+        if self.generation_mode not in GENERATION_MODES:
+            raise ValueError(
+                f"generation_mode must be one of {', '.join(GENERATION_MODES)}, "
+                f"got {self.generation_mode!r}"
+            )
         if not self.prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         if any(not isinstance(t, int) or t < 0 for t in self.prompt_ids):
@@ -56,6 +68,30 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class SpeculationStats:
+    """How a request's tokens were decoded: in the speculative MTP lane or in the batch."""
+
+    mtp_tokens: int  # tokens committed by draft-verify cycles
+    batch_tokens: int  # tokens decoded one per step (the batch, or plain decoding)
+    max_depth: int  # deepest draft used (0: never speculated)
+    num_cycles: int  # draft-verify cycles
+    num_drafted: int  # draft tokens proposed
+    accepted_by_depth: tuple[int, ...]  # cycles whose draft j + 1 stood, j = 0..max_depth - 1
+    generation_mode: GenerationMode = "auto"
+
+    @property
+    def num_accepted(self) -> int:
+        return sum(self.accepted_by_depth)
+
+    @property
+    def lane(self) -> str:
+        """Where most of its tokens came from: "mtp", "batch", or "ar" when it was forced."""
+        if self.generation_mode == "ar":
+            return "ar"
+        return "mtp" if self.mtp_tokens > self.batch_tokens else "batch"
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """What one step adds to a request: text safe to show, the tokens, and maybe the end."""
 
@@ -66,6 +102,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that matched
     logprobs: tuple[TokenLogprobs, ...] = ()
+    speculation: SpeculationStats | None = None  # on the last chunk, from backends that track it
 
 
 class GenerationError(RuntimeError):

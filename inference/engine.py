@@ -32,8 +32,12 @@ The prefix cache (prefix_cache.py, through engine_prefix.py) joins the loop at f
     5. completion: the blocks of the step just computed are spilled to SSD (write-behind)
     6. finish: the blocks and tail of a finished request's answer are cached too
 
-Ignores: HTTP and chat formats (callers pass token ids; `apply_chat_template` helps), speculative
-decoding, and several models (one engine, one model; a pool of engines is the model pool's job).
+The MTP lane (engine_mtp.py) joins when the engine holds at most `mtp_max_requests` requests and
+the model has a draft head: such a request drafts before its step, its step verifies [x_n, drafts]
+as one chunk, and the step is not overlapped with the next (its tokens decide the next drafts).
+
+Ignores: HTTP and chat formats (callers pass token ids; `apply_chat_template` helps), how drafts
+are made and accepted (engine_mtp.py), and several models (one engine, one model; a pool of engines is the model pool's job).
 """
 
 from __future__ import annotations
@@ -43,11 +47,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from inference.backend import GenerationChunk, GenerationError, GenerationRequest, Usage
+from inference.engine_mtp import MTPLane, verify_rows
 from inference.engine_prefix import PrefixSharing
 from inference.engine_requests import RequestState
 from inference.engine_stream import GenerationHandle
@@ -59,6 +64,7 @@ from inference.engine_types import (
     StepRecord,
 )
 from inference.model_fingerprint import fingerprint_model_dir, parameters_dtype
+from inference.mtp_head import MTPHead, load_head
 from inference.paths import data_dir
 from inference.prefix_cache import (
     PrefixCache,
@@ -106,6 +112,9 @@ class _InFlight:
     logits: mx.array | None = None  # the rows sampled, for logprobs
     stored_keys: list[str] = field(default_factory=list)  # prefix blocks the step computed
     has_first_token: bool = False  # some request samples its first token
+    lane_open: bool = False  # the MTP lane ran this step: complete it before the next launch
+    verified: dict[str, int] = field(default_factory=dict)  # request -> drafts it verifies
+    committed: dict[str, tuple[int, ...]] = field(default_factory=dict)  # its verdict's tokens
 
 
 class Engine:
@@ -120,9 +129,10 @@ class Engine:
         model_name: str = "model",
         on_step: Callable[[StepRecord], None] | None = None,
         model_fingerprint: str | None = None,
+        mtp_head: MTPHead | None = None,
     ) -> None:
         """model_fingerprint (model_fingerprint.py) names the model's SSD prefix cache; without
-        one the prefix cache stays in RAM."""
+        one the prefix cache stays in RAM. mtp_head: the model's draft head, for the MTP lane."""
         self.config = config or EngineConfig()
         self._model_name = model_name
         self._tokenizer = tokenizer
@@ -160,6 +170,8 @@ class Engine:
         self._prefix = (
             None if self._prefix_cache is None else PrefixSharing(self._prefix_cache, self._runner)
         )
+        self._mtp_off = ""  # why there is no MTP lane
+        self._mtp = self._make_mtp_lane(model, mtp_head)
         self._on_step = on_step
         self._states: dict[str, RequestState] = {}  # engine thread only, parked ones included
         self._num_steps = 0
@@ -193,6 +205,12 @@ class Engine:
         except (OSError, ValueError) as exc:  # not a local folder of safetensors
             log.info("prefix cache: no fingerprint for %s (%s); RAM only", path, exc)
             fingerprint = None
+        head = None
+        if config is None or config.mtp:
+            try:
+                head = load_head(Path(path), model)
+            except (OSError, ValueError) as exc:  # a broken sidecar must not stop serving
+                log.warning("MTP head of %s not loaded: %s", path, exc)
         return cls(
             model,
             tokenizer,
@@ -200,7 +218,38 @@ class Engine:
             model_name=name,
             on_step=on_step,
             model_fingerprint=fingerprint,
+            mtp_head=head,
         )
+
+    def _make_mtp_lane(self, model: nn.Module, head: MTPHead | None) -> MTPLane | None:
+        config = self.config
+        if not config.mtp:
+            self._mtp_off = "turned off (mtp=False)"
+        elif head is None:
+            self._mtp_off = "the model has no draft head (rag mtp fit makes one)"
+        elif not self._runner.has_hiddens:
+            self._mtp_off = "the model's logits are not a projection of its final hidden states"
+        else:
+            try:
+                return MTPLane(
+                    model,
+                    head,
+                    max_requests=config.mtp_max_requests,
+                    fixed_depth=config.mtp_depth,
+                )
+            except ValueError as exc:
+                self._mtp_off = str(exc)
+        log.info("MTP lane off for %s: %s", self._model_name, self._mtp_off)
+        return None
+
+    @property
+    def mtp_lane(self) -> MTPLane | None:
+        """The speculative lane, or None (`mtp_off_reason` says why)."""
+        return self._mtp
+
+    @property
+    def mtp_off_reason(self) -> str:
+        return self._mtp_off
 
     def _make_prefix_cache(self, model: nn.Module, fingerprint: str | None) -> PrefixCache | None:
         config = self.config
@@ -323,8 +372,10 @@ class Engine:
         in_flight: _InFlight | None = None
         try:
             while self._take_inbox(wait=in_flight is None):
-                if in_flight is not None and in_flight.has_first_token:
-                    self._complete(in_flight)  # time to first token: see the module docstring
+                if in_flight is not None and (in_flight.has_first_token or in_flight.lane_open):
+                    # Time to first token (module docstring); a lane step's tokens pick the
+                    # next drafts.
+                    self._complete(in_flight)
                     in_flight = None
                 # 2-3. Schedule and launch the next step; it computes while ...
                 launched = self._launch()
@@ -410,7 +461,11 @@ class Engine:
             self._prefix.finish(state)
         self._runner.release(request_id)
         self._forget([request_id])
-        state.handle.put(state.cancelled_chunk())
+        chunk = state.cancelled_chunk()
+        if self._mtp is not None:
+            chunk = replace(chunk, speculation=self._mtp.stats(state))
+            self._mtp.forget(request_id)
+        state.handle.put(chunk)
 
     def _forget(self, request_ids: Sequence[str]) -> None:
         if not request_ids:
@@ -422,8 +477,21 @@ class Engine:
         """Steps 2-3: schedule, build the forward passes and start computing them."""
         if not self._states:
             return None
+        lane = self._mtp
+        lane_open = lane is not None and lane.is_open(len(self._states))
+        drafted = self._draft() if lane_open else {}
         started = time.perf_counter()
         step = self._scheduler.schedule()
+        verified = {
+            item.request_id: item.num_lookahead_tokens
+            for item in step.items
+            if item.request_id in drafted and item.num_lookahead_tokens
+        }
+        for request_id in drafted.keys() - verified.keys():  # preempted or cut short
+            assert lane is not None
+            lane.abandon_drafts(request_id)
+            if request_id not in step.preempted_ids:
+                self._scheduler.set_lookahead(request_id, 0)
         if not step.items:
             return None
         states = [self._states[rid] for rid in step.request_ids]
@@ -439,25 +507,75 @@ class Engine:
             if state.restore is not None:
                 assert prefix is not None
                 prefix.restore(state)
+        capture: frozenset[str] = frozenset()
+        if lane_open:
+            assert lane is not None
+            capture = frozenset(s.request_id for s in states if not s.output_ids and lane.allows(s))
         out = self._runner.execute(
             step,
-            {state.request_id: state.token_ids for state in states},
+            {
+                state.request_id: state.token_ids + lane.drafts(state.request_id)
+                if lane is not None and state.request_id in verified
+                else state.token_ids
+                for state in states
+            },
             {s.request_id: s.pending for s in states if s.pending is not None},
+            capture=capture,
         )
-        assert len(set(out.request_ids)) == len(out.request_ids), "one token per request per step"
+        num_rows = len(out.request_ids) - sum(verified.values())
+        assert len(set(out.request_ids)) == num_rows, "one token per request per step"
+        if lane is not None:
+            for item in step.items:
+                if item.request_id in out.captured:
+                    lane.add_hiddens(
+                        item.request_id, out.captured[item.request_id], item.start_position
+                    )
         outputs = [] if out.logits is None else [out.logits]
         stored_keys: list[str] = []
         stored_arrays: list[mx.array] = []
         if prefix is not None:
             stored_keys, stored_arrays = prefix.store(step, states)
         mx.async_eval(*outputs, *self._runner.cache.arrays(), *stored_arrays)
-        return _InFlight(step, out, started, stored_keys=stored_keys)
+        return _InFlight(
+            step, out, started, stored_keys=stored_keys, lane_open=lane_open, verified=verified
+        )
+
+    def _draft(self) -> dict[str, int]:
+        """Before scheduling: lane requests that are decoding draft, and ask for a verify chunk."""
+        lane = self._mtp
+        assert lane is not None
+        drafted: dict[str, int] = {}
+        running = set(self._scheduler.running_ids)
+        for request_id, state in self._states.items():
+            if not (
+                request_id in running
+                and state.output_ids
+                and state.pending is None
+                and lane.allows(state)
+                and lane.can_draft(state)
+                and self._scheduler.num_computed_tokens(request_id) == len(state.token_ids) - 1
+            ):
+                continue
+            depth = lane.choose_depth(state)
+            if depth:
+                lane.draft(state, depth)
+                self._scheduler.set_lookahead(request_id, depth)
+                drafted[request_id] = depth
+        return drafted
 
     def _sample(self, launched: _InFlight) -> _InFlight:
         """Step 4: draw one token per request that reached its last token; start computing it."""
         out = launched.out
+        lane = self._mtp
+        for request_id, num_drafts in launched.verified.items():
+            assert lane is not None and out.logits is not None
+            self._verify(launched, lane, request_id, num_drafts)
         # A request may have stopped or been cancelled since its step was scheduled.
-        rows = [i for i, rid in enumerate(out.request_ids) if rid in self._states]
+        rows = [
+            i
+            for i, rid in enumerate(out.request_ids)
+            if rid in self._states and rid not in launched.verified
+        ]
         if out.logits is None or not rows:
             launched.states = []
             return launched
@@ -474,9 +592,36 @@ class Engine:
         for row, state in enumerate(states):
             state.pending = tokens[row]  # the next step's input, before its value is known
             self._scheduler.record_output(state.request_id, 1)
+        if lane is not None:
+            for row, state in zip(rows, states, strict=True):
+                if state.request_id in out.captured:
+                    lane.count_plain(state.request_id, 1)  # the head read its chunk already
+                elif launched.lane_open and out.hiddens is not None and lane.allows(state):
+                    lane.add_hiddens(state.request_id, out.hiddens[row], out.positions[row] - 1)
+                    lane.count_plain(state.request_id, 1)
+                else:
+                    lane.left_lane(state.request_id, 1)
         launched.states, launched.tokens, launched.logits = states, tokens, logits
         launched.has_first_token = any(not state.output_ids for state in states)
         return launched
+
+    def _verify(self, launched: _InFlight, lane: MTPLane, request_id: str, num_drafts: int) -> None:
+        """A verify chunk's rows: accept or reject its drafts (this waits for the step)."""
+        state = self._states.get(request_id)
+        if state is None:
+            return  # cancelled since
+        out = launched.out
+        assert out.logits is not None
+        rows = verify_rows(out.request_ids, request_id)
+        assert len(rows) == num_drafts + 1, f"{request_id}: {len(rows)} verify rows"
+        window = slice(rows[0], rows[-1] + 1)
+        hiddens = None if out.hiddens is None else out.hiddens[window]
+        outcome = lane.verify(state, out.logits[window], hiddens, num_drafts)
+        self._runner.cache.trim(request_id, outcome.num_rejected)
+        self._scheduler.record_output(
+            request_id, len(outcome.token_ids), num_rejected_tokens=outcome.num_rejected
+        )
+        launched.committed[request_id] = outcome.token_ids
 
     def _complete(self, done: _InFlight) -> None:
         """Steps 5-6: wait for the step's tokens; stop, detokenize and deliver them."""
@@ -498,25 +643,38 @@ class Engine:
         chunks: list[tuple[GenerationHandle, GenerationChunk]] = []
         sampled: dict[str, int] = {}
         finished: list[str] = []
-        for state, token_id, token_logprobs in zip(states, token_ids, logprobs, strict=True):
+        deliveries = [
+            (state, (token_id,), token_logprobs)
+            for state, token_id, token_logprobs in zip(states, token_ids, logprobs, strict=True)
+        ]
+        deliveries += [
+            (self._states[rid], tokens, None)
+            for rid, tokens in done.committed.items()
+            if rid in self._states
+        ]
+        for state, tokens, token_logprobs in deliveries:
             if state.request_id not in self._states:
                 continue  # cancelled while its token was computed
-            sampled[state.request_id] = token_id
-            chunk = state.accept(token_id, token_logprobs)
-            if chunk.finish_reason is not None:
-                self._scheduler.finish(state.request_id)
-                if self._prefix is not None:
-                    self._prefix.finish(state)  # before its slot goes: it caches the answer
-                self._runner.release(state.request_id)
-                del self._states[state.request_id]
-                finished.append(state.request_id)
-            chunks.append((state.handle, chunk))
+            for token_id in tokens:
+                sampled[state.request_id] = token_id
+                chunk = state.accept(token_id, token_logprobs)
+                if chunk.finish_reason is not None:
+                    chunk = self._finish(state, chunk)
+                    finished.append(state.request_id)
+                chunks.append((state.handle, chunk))
+                if chunk.finish_reason is not None:
+                    break  # tokens past a stop are dropped
         self._forget(finished)  # before delivery: a caller may reuse the id at once
         with self._lock:
             self._num_running = len(self._scheduler.running_ids)
         for handle, chunk in chunks:
             handle.put(chunk)
 
+        if self._mtp is not None and done.lane_open and len(done.step.items) == 1:
+            # A lone request's step, not overlapped: its cost by width prices the drafts.
+            self._mtp.observe_step(
+                done.step.items[0].num_tokens, time.perf_counter() - done.started
+            )
         self._num_steps += 1
         if self._num_steps % CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()
@@ -530,5 +688,18 @@ class Engine:
                     finished_ids=tuple(finished),
                     num_passes=done.out.num_passes,
                     duration_s=time.perf_counter() - done.started,
+                    committed=dict(done.committed),
                 )
             )
+
+    def _finish(self, state: RequestState, chunk: GenerationChunk) -> GenerationChunk:
+        """The request's last chunk: it leaves the scheduler, the prefix cache keeps its blocks."""
+        self._scheduler.finish(state.request_id)
+        if self._prefix is not None:
+            self._prefix.finish(state)  # before its slot goes: it caches the answer
+        self._runner.release(state.request_id)
+        del self._states[state.request_id]
+        if self._mtp is not None:
+            chunk = replace(chunk, speculation=self._mtp.stats(state))
+            self._mtp.forget(state.request_id)
+        return chunk

@@ -6,7 +6,7 @@ Ignores: everything the engine does with them (engine.py).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from inference.backend import GenerationError
@@ -39,12 +39,23 @@ class EngineConfig:
     prefix_cache_ssd_bytes: int = DEFAULT_SSD_BYTES
     prefix_cache_block_size: int = DEFAULT_BLOCK_SIZE  # tokens per cached block
     prefix_cache_dir: Path | None = None  # None: $RAG_DATA_DIR/kv-cache; one folder per model
+    # MTP lane (engine_mtp.py): speculative decoding with the model's draft head, when it has
+    # one, for requests running while the engine holds at most mtp_max_requests of them.
+    mtp: bool = True
+    mtp_depth: int | None = None  # None: adaptive 0..3 by measured gain; 1..3: that depth or 0
+    mtp_max_requests: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_kv_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 2):
                 raise ValueError(f"{name} must be an int >= 2 or None, got {value!r}")
+        if self.mtp_depth is not None and self.mtp_depth not in (1, 2, 3):
+            raise ValueError(
+                f"mtp_depth must be 1, 2, 3 or None (adaptive), got {self.mtp_depth!r}"
+            )
+        if self.mtp_max_requests < 1:
+            raise ValueError(f"mtp_max_requests must be >= 1, got {self.mtp_max_requests}")
         if isinstance(self.prefix_cache_dir, str):  # from a CLI flag or a JSON config
             object.__setattr__(self, "prefix_cache_dir", Path(self.prefix_cache_dir))
         # SchedulerConfig, RunnerConfig and PrefixCacheConfig check the rest.
@@ -79,7 +90,8 @@ class StepRecord:
     index: int
     items: tuple[ScheduledItem, ...]
     preempted_ids: tuple[str, ...]
-    sampled: Mapping[str, int]  # request id -> the token it got this step
+    sampled: Mapping[str, int]  # request id -> the (last) token it got this step
     finished_ids: tuple[str, ...]
     num_passes: int
     duration_s: float
+    committed: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # MTP lane: all tokens

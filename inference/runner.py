@@ -24,7 +24,7 @@ scheduling, and stop conditions.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from inference.runner_cache import PassRows, SlotKVCache
 from inference.scheduler import ScheduledItem, ScheduledStep
@@ -64,6 +64,12 @@ class RunOutput:
     positions: tuple[int, ...]  # index in the request's token sequence of the sampled token
     logits: mx.array | None  # (rows, vocab), lazy; None when no row samples this step
     num_passes: int
+    # (rows, hidden) the final hidden states the logits were projected from (a draft head's
+    # input), lazy; None when no row samples or the model's head could not be split off.
+    hiddens: mx.array | None = None
+    # request id -> (num_tokens, hidden) every final hidden state of its chunk, for the
+    # requests `execute` was asked to capture (a draft head reads the prompt's too).
+    captured: Mapping[str, mx.array] = field(default_factory=dict)
 
 
 def plan_passes(
@@ -129,6 +135,12 @@ class ModelRunner:
         self.config = config or RunnerConfig()
         self.cache = SlotKVCache(len(model.layers), self.config.num_slots)
         self._body, self._head = split_head(model)
+        self.has_hiddens = self._head is not _identity  # RunOutput.hiddens are body outputs
+
+    @property
+    def head(self) -> Callable[[mx.array], mx.array]:
+        """Final hidden states -> logits (the vocabulary projection)."""
+        return self._head
 
     def release(self, request_id: str) -> None:
         """Forget the request's KV (finished, cancelled, preempted)."""
@@ -158,14 +170,17 @@ class ModelRunner:
         step: ScheduledStep,
         token_ids: Mapping[str, Sequence[int]],
         pending: Mapping[str, mx.array] | None = None,
+        capture: frozenset[str] = frozenset(),
     ) -> RunOutput:
         """Build the step's forward passes lazily; the caller evaluates them.
 
-        token_ids[request] holds the request's known tokens; pending[request], when present, is
-        its next token still being sampled (a lazy scalar), so a step can be built before the
-        previous one has finished.
+        token_ids[request] holds the request's known tokens (a speculative chunk's drafts
+        included); pending[request], when present, is its next token still being sampled (a lazy
+        scalar), so a step can be built before the previous one has finished. The requests in
+        `capture` get every hidden state of their chunk in RunOutput.captured.
         """
         pending = pending or {}
+        captured: dict[str, mx.array] = {}
         for request_id in step.preempted_ids:
             self.cache.release(request_id)
         for item in step.items:
@@ -193,6 +208,9 @@ class ModelRunner:
             inputs = _inputs(group, token_ids, pending, num_tokens)
             hidden = self._body(inputs, cache=self.cache.views(rows))  # (rows, L, dim)
             self.cache.commit(rows, [item.num_tokens for item in group])
+            for row, item in enumerate(group):
+                if item.request_id in capture:
+                    captured[item.request_id] = hidden[row, : item.num_tokens]
 
             # 2. Keep the positions whose next token gets sampled (1 + lookahead per item).
             flat_rows: list[int] = []
@@ -213,10 +231,18 @@ class ModelRunner:
                 selected.append(flat[mx.array(flat_rows)])
 
         # 3. The vocabulary projection, once, for the sampling rows only.
-        logits = None
+        logits = hiddens = None
         if selected:
-            logits = self._head(selected[0] if len(selected) == 1 else mx.concatenate(selected))
-        return RunOutput(tuple(request_ids), tuple(positions), logits, len(passes))
+            hiddens = selected[0] if len(selected) == 1 else mx.concatenate(selected)
+            logits = self._head(hiddens)
+        return RunOutput(
+            tuple(request_ids),
+            tuple(positions),
+            logits,
+            len(passes),
+            hiddens=hiddens if self.has_hiddens else None,
+            captured=captured,
+        )
 
 
 def _inputs(

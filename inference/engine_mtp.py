@@ -1,0 +1,363 @@
+"""The engine's MTP lane: draft-verify cycles for a request running alone, inside the batch loop.
+
+When at most `mtp_max_requests` requests are in the engine (a lone user), each of them that
+allows it (see `allows`) drafts D tokens with the model's MTP head before
+a step; the scheduler gives it a chunk of 1 + D tokens ([x_n, d_1..d_D], `set_lookahead`), the
+runner returns the logits and final hiddens of those D + 1 positions, and `verify` applies the
+Leviathan-Chen rule (speculative.py) to commit k + 1 tokens. Rejected drafts roll back: the slot
+is trimmed, the scheduler un-counts them, the head's cache drops its recursive entries. A step
+with D = 0 is a plain step that still feeds the head.
+
+Pairs the head reads, (h_i, x_{i+1}), come from the trunk as it runs: every hidden of a lone
+request's prefill chunks and decode steps (RunOutput.captured / .hiddens) waits in `pending`
+until the next draft. When more requests arrive the lane closes: the request decodes one token per
+step in the batch and its head state goes stale; when it is alone again, one plain step gives the
+head a fresh pair and drafting resumes (the head's earlier context is lost, which costs
+acceptance, never exactness). Switching lanes keeps the output distribution: every committed
+token, in either lane, is an exact sample of the model given the tokens before it.
+
+`DepthPolicy` picks D per step: a fixed depth as configured (`rag tune` measures which), or
+adaptively from measured acceptance and measured step costs (the expected tokens per second of
+D = 0..max), so speculation that does not pay falls back to plain decoding, probing now and then.
+
+Ignores: scheduling, stop conditions and delivery (engine.py), and how heads are made (mtp_head.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from inference.backend import SpeculationStats
+from inference.engine_requests import RequestState
+from inference.mtp_decode import MAX_DEPTH, Trunk
+from inference.mtp_head import MTPHead
+from inference.sampling import compute_probs
+from inference.speculative import (
+    Purpose,
+    Verdict,
+    accept_drafts,
+    draw,
+    keyed_uniform,
+    make_cycle_uniforms,
+)
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+MAX_PENDING = 512  # pairs waiting for the head; past this the head restarts from the newest
+PROBE_EVERY = 32  # plain steps between probes of depth 1 when speculation did not pay
+_DECAY = 0.97  # per observation: acceptance and costs follow the recent text and load
+_PRIOR = (1.0, 2.0)  # pseudo-counts (accepted, reached): an untried depth looks 50% likely
+
+
+class DepthPolicy:
+    """Chooses the draft depth: argmax over D of expected tokens per cycle / measured cost."""
+
+    def __init__(self, max_depth: int, *, fixed_depth: int | None = None) -> None:
+        if not 1 <= max_depth <= MAX_DEPTH:
+            raise ValueError(f"max_depth must be in 1..{MAX_DEPTH}, got {max_depth}")
+        if fixed_depth is not None and not 1 <= fixed_depth <= max_depth:
+            raise ValueError(f"fixed depth must be in 1..{max_depth}, got {fixed_depth}")
+        self.max_depth = max_depth
+        self.fixed_depth = fixed_depth
+        self._accepted = [_PRIOR[0]] * max_depth  # draft j stood ...
+        self._reached = [_PRIOR[1]] * max_depth  # ... of cycles that verified draft j
+        self._step_s: dict[int, float] = {}  # tokens in a lone step -> seconds (EMA)
+        self._head_s: float | None = None  # one head step (EMA)
+        self._plain_streak = 0
+
+    def observe_cycle(self, depth: int, num_accepted: int) -> None:
+        for j in range(self.max_depth):
+            self._accepted[j] *= _DECAY
+            self._reached[j] *= _DECAY
+        for j in range(min(depth, num_accepted + 1)):
+            self._reached[j] += 1
+            self._accepted[j] += j < num_accepted
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self._step_s[num_tokens] = _ema(self._step_s.get(num_tokens), seconds)
+
+    def observe_head(self, num_steps: int, seconds: float) -> None:
+        if num_steps:
+            self._head_s = _ema(self._head_s, seconds / num_steps)
+
+    def acceptance(self) -> list[float]:
+        """Estimated P(draft j stands | draft j - 1 stood), j = 1..max_depth."""
+        return [a / r for a, r in zip(self._accepted, self._reached, strict=True)]
+
+    def expected_rate(self, depth: int) -> float | None:
+        """Expected tokens per second at this depth; None until a plain step was timed."""
+        plain = self._step_s.get(1)
+        if plain is None:
+            return None
+        tokens, reach = 1.0, 1.0
+        for rate in self.acceptance()[:depth]:
+            reach *= rate
+            tokens += reach
+        # An untimed verify width is assumed cheap, so it gets tried and timed.
+        step = self._step_s.get(depth + 1, plain * (1 + 0.05 * depth))
+        head = (self._head_s if self._head_s is not None else 0.05 * plain) * depth
+        return tokens / (step + head)
+
+    def choose(self, room: int) -> int:
+        """The depth of the next step (0: plain); room = tokens the request may still produce.
+        A fixed depth is used as it is (`rag tune` measured it); else the best measured one."""
+        limit = min(self.fixed_depth or self.max_depth, room - 1)
+        if limit < 1:
+            return 0
+        if self.fixed_depth is not None:
+            return limit
+        if self._step_s.get(1) is None:
+            return 0  # time a plain step first: it is the yardstick
+        best, best_rate = 0, self.expected_rate(0) or 0.0
+        for depth in range(1, limit + 1):
+            rate = self.expected_rate(depth) or 0.0
+            if rate > best_rate:
+                best, best_rate = depth, rate
+        if best == 0:
+            self._plain_streak += 1
+            if self._plain_streak >= PROBE_EVERY:  # conditions change: look again
+                self._plain_streak = 0
+                return 1
+        else:
+            self._plain_streak = 0
+        return best
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else _DECAY * old + (1 - _DECAY) * new
+
+
+@dataclass
+class _Drafting:
+    """One request's head state and counters."""
+
+    head_cache: list
+    pending: mx.array | None = None  # (1, m, H) trunk hiddens h_i, i = start .. start + m - 1
+    pending_start: int = 0
+    stale: bool = False  # the head missed pairs (the request ran in the batch)
+    drafts: list[int] = field(default_factory=list)  # this step's drafts
+    draft_probs: np.ndarray | None = None  # (D, V) their fp32 distributions
+    mtp_tokens: int = 0
+    batch_tokens: int = 0
+    max_depth: int = 0
+    num_cycles: int = 0
+    num_drafted: int = 0
+    accepted_by_depth: list[int] = field(default_factory=lambda: [0] * MAX_DEPTH)
+
+    @property
+    def pending_end(self) -> int:
+        return self.pending_start + (0 if self.pending is None else self.pending.shape[1])
+
+
+@dataclass(frozen=True)
+class CycleOutcome:
+    """What one verified step committed for a request."""
+
+    token_ids: tuple[int, ...]
+    num_drafted: int
+    num_rejected: int
+
+
+class MTPLane:
+    """Drafting state of the engine's requests and the lane's depth policy."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        head: MTPHead,
+        *,
+        max_requests: int = 1,
+        fixed_depth: int | None = None,
+        max_depth: int = MAX_DEPTH,
+    ) -> None:
+        if head.config.hidden_source != "post_norm":
+            raise ValueError(
+                "the engine's lane reads the trunk's final (post-norm) hiddens; "
+                f"this head wants {head.config.hidden_source}"
+            )
+        self.trunk = Trunk(model)
+        # Built on the caller's thread: lazy weights would be evaluated on the engine's, where
+        # the caller's stream does not exist.
+        mx.eval(head.parameters())
+        self.head = head
+        self.max_requests = max_requests
+        self.policy = DepthPolicy(max_depth, fixed_depth=fixed_depth)
+        self._drafting: dict[str, _Drafting] = {}
+
+    # -- which requests speculate ------------------------------------------------------------
+
+    @staticmethod
+    def allows(state: RequestState) -> bool:
+        """Speculation may serve it. A seeded sampled request in "auto" mode keeps plain decoding:
+        its seed promises one output whatever the load, and the lane draws another (equally
+        distributed) sample; greedy output is the same in both lanes."""
+        request = state.request
+        sampling = request.sampling
+        if sampling.logprobs or request.generation_mode == "ar":
+            return False
+        if request.generation_mode == "mtp":
+            return True
+        return sampling.temperature == 0 or sampling.seed is None
+
+    def is_open(self, num_requests: int) -> bool:
+        """The lane runs while the engine holds this few requests (load is low)."""
+        return num_requests <= self.max_requests
+
+    def _of(self, request_id: str) -> _Drafting:
+        drafting = self._drafting.get(request_id)
+        if drafting is None:
+            drafting = self._drafting[request_id] = _Drafting(self.head.make_cache())
+        return drafting
+
+    # -- the head's input --------------------------------------------------------------------
+
+    def add_hiddens(self, request_id: str, hiddens: mx.array, start: int) -> None:
+        """Trunk hiddens (m, H) of positions start .. start + m - 1, computed in the lane."""
+        drafting = self._of(request_id)
+        hiddens = hiddens.reshape(1, -1, hiddens.shape[-1])
+        if drafting.pending is not None and drafting.pending_end == start:
+            drafting.pending = mx.concatenate([drafting.pending, hiddens], axis=1)
+        else:  # a gap (prefix-cache hit, preemption, the batch): the head starts afresh
+            if drafting.pending is not None or drafting.num_cycles or drafting.mtp_tokens:
+                drafting.stale = True
+            drafting.pending, drafting.pending_start = hiddens, start
+        if drafting.pending.shape[1] > MAX_PENDING:
+            drafting.pending = drafting.pending[:, -1:]
+            drafting.pending_start = drafting.pending_end - 1
+            drafting.stale = True
+
+    def left_lane(self, request_id: str, num_tokens: int) -> None:
+        """The request decoded a token in the batch: the head missed it."""
+        drafting = self._of(request_id)
+        drafting.batch_tokens += num_tokens
+        drafting.pending, drafting.stale = None, True
+
+    def count_plain(self, request_id: str, num_tokens: int) -> None:
+        self._of(request_id).batch_tokens += num_tokens
+
+    def can_draft(self, state: RequestState) -> bool:
+        """The head holds a pair ending at the newest token: (h_{n-1}, x_n)."""
+        drafting = self._drafting.get(state.request_id)
+        n = len(state.token_ids) - 1
+        return drafting is not None and drafting.pending is not None and drafting.pending_end == n
+
+    # -- one cycle -----------------------------------------------------------------------------
+
+    def draft(self, state: RequestState, depth: int) -> list[int]:
+        """D drafts after x_n: the head reads the pending pairs, then its own output."""
+        started = time.perf_counter()
+        drafting = self._drafting[state.request_id]
+        assert drafting.pending is not None
+        if drafting.stale:
+            drafting.head_cache = self.head.make_cache()
+            drafting.stale = False
+        n = len(state.token_ids) - 1
+        pair_tokens = state.token_ids[drafting.pending_start + 1 : n + 1]
+        hidden = self.head(self.trunk.embed(pair_tokens), drafting.pending, drafting.head_cache)
+        hidden = hidden[:, -1:]
+        drafting.pending = None
+        drafting.pending_start = n
+        draft_ids: list[int] = []
+        rows: list[np.ndarray] = []
+        prompt = state.request.prompt_ids
+        for j in range(depth):
+            if j:
+                embedded = self.trunk.embed(draft_ids[-1:])
+                hidden = self.head(embedded, hidden, drafting.head_cache)
+            logits = self.trunk.draft_logits(hidden, self.head.draft_ids)[0]
+            q = np.array(
+                compute_probs(logits, [state.sampling], [prompt], [state.output_ids + draft_ids])
+            )[0]
+            draft_ids.append(draw(q, keyed_uniform(state.seed, n + 1 + j, Purpose.DRAFT)))
+            rows.append(q)
+        drafting.drafts = draft_ids
+        drafting.draft_probs = np.stack(rows)
+        self.policy.observe_head(depth, time.perf_counter() - started)
+        return draft_ids
+
+    def drafts(self, request_id: str) -> list[int]:
+        drafting = self._drafting.get(request_id)
+        return [] if drafting is None else drafting.drafts
+
+    def verify(
+        self,
+        state: RequestState,
+        logits: mx.array,
+        hiddens: mx.array | None,
+        num_verified: int,
+    ) -> CycleOutcome:
+        """Accept or reject the drafts from the verify rows: logits (1 + k, V) at positions
+        n + 1 .. n + 1 + k, k = num_verified drafts (the scheduler may have granted fewer)."""
+        drafting = self._drafting[state.request_id]
+        drafted = len(drafting.drafts)
+        drafts = drafting.drafts[:num_verified]
+        assert drafting.draft_probs is not None
+        n = len(state.token_ids) - 1
+        histories = [state.output_ids + drafts[:j] for j in range(num_verified + 1)]
+        prompt = state.request.prompt_ids
+        target = np.array(
+            compute_probs(
+                logits, [state.sampling] * len(histories), [prompt] * len(histories), histories
+            )
+        )
+        verdict: Verdict = accept_drafts(
+            target,
+            drafting.draft_probs[:num_verified],
+            drafts,
+            make_cycle_uniforms(state.seed, n + 1, num_verified),
+        )
+        k = verdict.num_accepted
+        for cache in drafting.head_cache:
+            cache.trim(drafted - 1)  # recursive entries read the head's own hidden, not h
+        if hiddens is not None:
+            drafting.pending, drafting.pending_start = hiddens[None, : k + 1], n
+        drafting.drafts, drafting.draft_probs = [], None
+        drafting.num_cycles += 1
+        drafting.num_drafted += num_verified
+        drafting.max_depth = max(drafting.max_depth, num_verified)
+        for j in range(k):
+            drafting.accepted_by_depth[j] += 1
+        drafting.mtp_tokens += k + 1
+        self.policy.observe_cycle(num_verified, k)
+        return CycleOutcome((*drafts[:k], verdict.token_id), num_verified, num_verified - k)
+
+    def abandon_drafts(self, request_id: str) -> None:
+        """The drafted step did not run (preempted): the head's recursive entries go."""
+        drafting = self._drafting.get(request_id)
+        if drafting is None or not drafting.drafts:
+            return
+        drafting.drafts, drafting.draft_probs = [], None
+        drafting.pending, drafting.stale = None, True
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def stats(self, state: RequestState) -> SpeculationStats:
+        drafting = self._drafting.get(state.request_id) or _Drafting([])
+        return SpeculationStats(
+            mtp_tokens=drafting.mtp_tokens,
+            batch_tokens=drafting.batch_tokens,
+            max_depth=drafting.max_depth,
+            num_cycles=drafting.num_cycles,
+            num_drafted=drafting.num_drafted,
+            accepted_by_depth=tuple(drafting.accepted_by_depth[: drafting.max_depth]),
+            generation_mode=state.request.generation_mode,
+        )
+
+    def forget(self, request_id: str) -> None:
+        self._drafting.pop(request_id, None)
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self.policy.observe_step(num_tokens, seconds)
+
+    def choose_depth(self, state: RequestState) -> int:
+        room = state.stop.params.max_tokens - len(state.output_ids)  # type: ignore[operator]
+        return self.policy.choose(room)
+
+
+def verify_rows(request_ids: Sequence[str], request_id: str) -> list[int]:
+    """The rows of RunOutput that belong to request_id (a verify chunk's rows are adjacent)."""
+    return [i for i, rid in enumerate(request_ids) if rid == request_id]

@@ -1,0 +1,253 @@
+"""The MTP lane inside the batching engine, on a tiny random llama with a drafting head.
+
+Greedy output in the lane equals the engine's plain decoding token for token at every depth
+(so the slot KV after each rollback is what plain decoding leaves); the lane opens only for a
+lone request and closes while others are in the engine; generation_mode "ar" and seeded sampled
+requests keep plain decoding; stops, max_tokens and cancellation hold with several tokens a step;
+the last chunk reports the lane, depth and acceptance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import inference  # noqa: F401  (loads the BLAS before mlx)
+from inference.backend import GenerationChunk, GenerationRequest
+from inference.engine import Engine, EngineConfig, StepRecord
+from inference.engine_mtp import DepthPolicy
+from inference.sampling import SamplingParams
+from inference.stopping import StopParams
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm import load
+
+from tests.fixtures.tiny_llama import write_tiny_llama
+from tests.unit.test_mtp_decode import echo_head, random_head
+
+GREEDY = SamplingParams(temperature=0)
+PROMPTS = [tuple(3 + (n + 7 * i) % 290 for i in range(n)) for n in (5, 23, 40)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> nn.Module:
+    folder = write_tiny_llama(tmp_path_factory.mktemp("lane") / "untied", tie_word_embeddings=False)
+    model, _ = load(str(folder))
+    model.lm_head.weight = model.lm_head.weight * 4  # sharper choices, no near-ties at T=0
+    mx.eval(model.parameters())  # here: the engine thread cannot run this thread's lazy graph
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    folder = write_tiny_llama(tmp_path_factory.mktemp("lane_tok") / "m")
+    return load(str(folder))[1]
+
+
+@pytest.fixture
+def make_engine(model, tokenizer) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
+    def make(
+        head: str | None = "echo", on_step: Callable[[StepRecord], None] | None = None, **config
+    ) -> Engine:
+        for engine in engines:  # one engine thread at a time on the shared model
+            engine.close()
+        mtp_head = {"echo": echo_head, "random": random_head, None: lambda m: None}[head](model)
+        engine = Engine(
+            model, tokenizer, config=EngineConfig(**config), mtp_head=mtp_head, on_step=on_step
+        )
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def request(prompt_ids, max_tokens: int, sampling=GREEDY, **kwargs) -> GenerationRequest:
+    return GenerationRequest(
+        prompt_ids, sampling, StopParams(max_tokens=max_tokens), ignore_eos=True, **kwargs
+    )
+
+
+def run(engine: Engine, req: GenerationRequest) -> tuple[list[int], GenerationChunk]:
+    chunks = list(engine.submit(req))
+    return [t for c in chunks for t in c.token_ids], chunks[-1]
+
+
+def plain_outputs(make_engine, num_tokens: int) -> list[list[int]]:
+    engine = make_engine(head=None)
+    assert engine.mtp_lane is None and "no draft head" in engine.mtp_off_reason
+    return [run(engine, request(p, num_tokens))[0] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_greedy_lane_equals_plain_decoding(make_engine, depth) -> None:
+    want = plain_outputs(make_engine, 24)
+    engine = make_engine(mtp_depth=depth)
+    for prompt_ids, expected in zip(PROMPTS, want, strict=True):
+        got, last = run(engine, request(prompt_ids, 24))
+        assert got == expected
+        stats = last.speculation
+        assert stats is not None and stats.lane == "mtp"
+        assert stats.mtp_tokens + stats.batch_tokens == 24
+        assert stats.num_cycles > 0 and stats.num_accepted > 0  # the echo head drafts well
+        assert stats.max_depth == depth
+
+
+def test_adaptive_depth_keeps_greedy_output(make_engine) -> None:
+    want = plain_outputs(make_engine, 40)
+    engine = make_engine(mtp_depth=None)
+    for prompt_ids, expected in zip(PROMPTS, want, strict=True):
+        got, last = run(engine, request(prompt_ids, 40))
+        assert got == expected
+        assert last.speculation is not None
+        assert last.speculation.mtp_tokens + last.speculation.batch_tokens == 40
+
+
+def test_rejections_roll_back_exactly(make_engine) -> None:
+    """A random head's drafts are mostly rejected: every cycle trims the slot and the scheduler."""
+    want = plain_outputs(make_engine, 20)
+    engine = make_engine(head="random", mtp_depth=3)
+    for prompt_ids, expected in zip(PROMPTS, want, strict=True):
+        got, last = run(engine, request(prompt_ids, 20))
+        assert got == expected
+        stats = last.speculation
+        assert stats is not None and stats.num_cycles > 0
+        assert stats.num_accepted < stats.num_drafted
+
+
+def test_lane_closes_while_others_run_and_reopens(make_engine) -> None:
+    want = plain_outputs(make_engine, 30)
+    records: list[StepRecord] = []
+    late: list = []
+
+    def on_step(record: StepRecord) -> None:
+        records.append(record)
+        if record.index == 4:  # a second request joins while the first speculates
+            late.append(engine.submit(request(PROMPTS[2], 6)))
+
+    engine = make_engine(on_step=on_step, mtp_depth=2)
+    first, last = run(engine, request(PROMPTS[0], 30))
+    second = [t for c in late[0] for t in c.token_ids]
+    assert first == want[0] and second == want[2][:6]
+    stats = last.speculation
+    assert stats is not None and stats.batch_tokens > 0 and stats.mtp_tokens > 0
+    for record in records:
+        decoding = [item for item in record.items if item.num_lookahead_tokens]
+        if len(record.items) > 1:
+            assert not decoding, f"step {record.index} speculated beside another request"
+    assert any(item.num_lookahead_tokens for r in records[:4] for item in r.items)
+    assert any(item.num_lookahead_tokens for r in records[-3:] for item in r.items)
+
+
+def test_ar_mode_and_seeded_sampling_stay_plain(make_engine) -> None:
+    engine = make_engine(mtp_depth=1)
+    _, last = run(engine, request(PROMPTS[1], 8, generation_mode="ar"))
+    assert last.speculation is not None and last.speculation.lane == "ar"
+    assert last.speculation.num_cycles == 0
+
+    seeded = SamplingParams(temperature=0.8, top_k=5, seed=7)
+    plain_engine_tokens = run(make_engine(head=None), request(PROMPTS[1], 12, seeded))[0]
+    engine = make_engine(mtp_depth=1)
+    tokens, last = run(engine, request(PROMPTS[1], 12, seeded))
+    assert tokens == plain_engine_tokens  # the seed's promise: the same sample as plain decoding
+    assert last.speculation is not None and last.speculation.num_cycles == 0
+
+    forced, last = run(engine, request(PROMPTS[1], 12, seeded, generation_mode="mtp"))
+    assert last.speculation is not None and last.speculation.num_cycles > 0
+    again, _ = run(engine, request(PROMPTS[1], 12, seeded, generation_mode="mtp"))
+    assert again == forced  # keyed draws: one seed, one output within the lane
+
+
+def test_unseeded_sampling_speculates(make_engine) -> None:
+    engine = make_engine(mtp_depth=2)
+    sampled = SamplingParams(temperature=1.0, top_k=3)
+    tokens, last = run(engine, request(PROMPTS[0], 16, sampled))
+    assert len(tokens) == 16
+    assert last.speculation is not None and last.speculation.num_cycles > 0
+
+
+def test_stops_and_max_tokens_cut_a_multi_token_step(make_engine) -> None:
+    want = plain_outputs(make_engine, 24)[1]
+    engine = make_engine(mtp_depth=3)
+    for max_tokens in (1, 2, 5, 7):
+        got, last = run(engine, request(PROMPTS[1], max_tokens))
+        assert got == want[:max_tokens] and last.finish_reason == "length"
+    stop_token = want[9]
+    got, last = run(
+        engine,
+        GenerationRequest(
+            PROMPTS[1], GREEDY, StopParams(max_tokens=24, stop_token_ids=(stop_token,))
+        ),
+    )
+    assert got == want[: want.index(stop_token) + 1] and last.finish_reason == "stop"
+
+
+def test_cancel_in_the_lane(make_engine) -> None:
+    engine = make_engine(mtp_depth=2)
+    handle = engine.submit(request(PROMPTS[0], 500))
+    chunks = []
+    for chunk in handle:
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            handle.cancel()
+    assert chunks[-1].finish_reason == "cancelled"
+    assert engine.load().num_running == 0
+    again, _ = run(engine, request(PROMPTS[0], 4))  # the engine goes on
+    assert len(again) == 4
+
+
+def test_prefix_cache_hit_then_lane(make_engine) -> None:
+    want = plain_outputs(make_engine, 16)[2]
+    engine = make_engine(mtp_depth=2, prefix_cache_block_size=8)
+    first, _ = run(engine, request(PROMPTS[2], 16))
+    second, last = run(engine, request(PROMPTS[2], 16))
+    assert first == second == want
+    assert last.usage.cached_tokens > 0
+    assert last.speculation is not None and last.speculation.num_cycles > 0
+
+
+def test_depth_policy_falls_back_when_speculation_does_not_pay() -> None:
+    policy = DepthPolicy(3)
+    assert policy.choose(room=50) == 0  # no plain step timed yet
+    policy.observe_step(1, 0.100)
+    for width in (2, 3, 4):
+        policy.observe_step(width, 0.100 + 0.02 * width)
+    policy.observe_head(1, 0.005)
+    for _ in range(200):  # drafts always stand: deepest is best
+        policy.observe_cycle(3, 3)
+    assert policy.choose(room=50) == 3
+    assert policy.choose(room=2) == 1  # a cycle may not overshoot the tokens left
+    for _ in range(400):  # drafts never stand: plain decoding, with a probe now and then
+        policy.observe_cycle(1, 0)
+    choices = [policy.choose(room=50) for _ in range(64)]
+    assert choices.count(0) >= 60 and 1 in choices
+
+
+def test_fixed_depth_is_used_as_configured() -> None:
+    policy = DepthPolicy(3, fixed_depth=2)
+    assert policy.choose(room=50) == 2
+    for _ in range(50):
+        policy.observe_cycle(2, 0)
+    assert policy.choose(room=50) == 2 and policy.choose(room=2) == 1
+    with pytest.raises(ValueError, match="fixed depth"):
+        DepthPolicy(2, fixed_depth=3)
+
+
+def test_bad_generation_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="generation_mode"):
+        GenerationRequest((1, 2), generation_mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mtp_depth"):
+        EngineConfig(mtp_depth=4)
+
+
+def test_engine_from_path_without_a_head_has_no_lane(tmp_path: Path) -> None:
+    folder = write_tiny_llama(tmp_path / "m")
+    with Engine.from_path(folder) as engine:
+        assert engine.mtp_lane is None
+        tokens, last = run(engine, request((5, 6, 7), 3))
+        assert len(tokens) == 3 and last.speculation is None
