@@ -7,7 +7,13 @@ Modes, each generating --tokens tokens from the same chat prompt (stops ignored)
     d1..d3   the MTP lane (`mtp_decode.MTPDecoder`) at depth 1..3
 
 at temperature 0 and at 0.6 / top_p 0.95 / top_k 20. Modes alternate within each repeat, so drift
-on a shared machine hits all of them. Per mode and setting one JSON line: time to first token
+on a shared machine hits all of them.
+
+Then the lane as served (`--section engine`): the batching engine with its MTP lane routed by
+load (adaptive depth, and fixed D1..D3 at batch 1) against the same engine with the lane off, at
+1, 4 and 16 concurrent streams (`mtp_engine` lines: decode tok/s per stream, aggregate tok/s,
+the share of tokens the lane committed and the acceptance). Seeded T=0.6 requests ask for
+generation_mode "mtp" (in "auto" a seeded sampled request keeps plain decoding). Per mode and setting one JSON line: time to first token
 (prefill), decode tok/s after the first token (p50 and p99 over repeats), ratio to `ar`, and for
 the lane the acceptance per depth and tokens per cycle. Then one line of pass costs: a trunk
 forward over W = 1..4 new tokens at the prompt's context (a verify pass at depth W - 1) and one
@@ -19,6 +25,7 @@ numbers show the lane's overhead.
 
     .venv/bin/python benchmarks/mtp.py                       # default chat model, ~a minute
     .venv/bin/python benchmarks/mtp.py --model PATH --tokens 128 --repeats 5
+    .venv/bin/python benchmarks/mtp.py --section engine --concurrency 1,4,16
 """
 
 from __future__ import annotations
@@ -31,10 +38,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import inference  # noqa: F401  (loads the BLAS before mlx)
+from inference.backend import GenerationRequest
 from inference.chat_model import default_chat_model
+from inference.engine import Engine, EngineConfig
 from inference.mtp_decode import MTPDecoder, Trunk, iter_plain
 from inference.mtp_head import MTPHead, load_head, load_sidecar_head, make_generic_head
 from inference.sampling import SamplingParams
+from inference.stopping import StopParams
 
 import mlx.core as mx
 import numpy as np
@@ -149,6 +159,128 @@ def pass_costs(model, trunk: Trunk, head: MTPHead, prompt: list[int], repeats: i
     return {k: round(v, 3) for k, v in costs.items()} | ratios
 
 
+ENGINE_MODES: dict[str, dict] = {
+    "batch": {"mtp": False},
+    "lane_auto": {"mtp": True, "mtp_depth": None},
+    "lane_d1": {"mtp": True, "mtp_depth": 1},
+    "lane_d2": {"mtp": True, "mtp_depth": 2},
+    "lane_d3": {"mtp": True, "mtp_depth": 3},
+}
+
+
+def engine_round(
+    engine: Engine, prompts: list[list[int]], params: SamplingParams, num_tokens: int
+) -> dict:
+    """All prompts at once; per-stream decode rates from chunk arrival times, lane counters."""
+    import threading
+
+    mode = "mtp" if params.seed is not None and params.temperature > 0 else "auto"
+    results: list[dict] = [{} for _ in prompts]
+    start = time.perf_counter()
+
+    def consume(index: int, handle) -> None:
+        first = last = None
+        count = 0
+        final = None
+        for chunk in handle:
+            now = time.perf_counter()
+            count += len(chunk.token_ids)
+            first = now if first is None else first
+            last = now
+            final = chunk
+        results[index] = {
+            "ttft": (first or start) - start,
+            "rate": (count - 1) / max((last or 0) - (first or 0), 1e-9),
+            "tokens": count,
+            "stats": final.speculation if final else None,
+        }
+
+    handles = [
+        engine.submit(
+            GenerationRequest(
+                tuple(prompt),
+                params,
+                StopParams(max_tokens=num_tokens),
+                ignore_eos=True,
+                generation_mode=mode,
+            )
+        )
+        for prompt in prompts
+    ]
+    threads = [threading.Thread(target=consume, args=(i, h)) for i, h in enumerate(handles)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    lane_tokens = sum(r["stats"].mtp_tokens for r in results if r["stats"] is not None)
+    cycles = sum(r["stats"].num_cycles for r in results if r["stats"] is not None)
+    accepted = sum(r["stats"].num_accepted for r in results if r["stats"] is not None)
+    drafted = sum(r["stats"].num_drafted for r in results if r["stats"] is not None)
+    total = sum(r["tokens"] for r in results)
+    return {
+        "rates": [r["rate"] for r in results],
+        "ttfts": [r["ttft"] for r in results],
+        "aggregate": total / elapsed,
+        "lane_share": lane_tokens / max(total, 1),
+        "cycles": cycles,
+        "accepted_per_draft": accepted / max(drafted, 1),
+        "tokens_per_cycle": (lane_tokens / cycles) if cycles else 0.0,
+    }
+
+
+def run_engine_section(model, tokenizer, head: MTPHead, prompt_text: str, common: dict, args):
+    """The served lane vs the lane off, per concurrency, modes alternating within repeats."""
+    for concurrency in args.concurrency:
+        prompts = [
+            list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": f"{prompt_text} (variant {i})"}],
+                    add_generation_prompt=True,
+                )
+            )
+            for i in range(concurrency)
+        ]
+        modes = list(ENGINE_MODES) if concurrency == 1 else ["batch", "lane_auto"]
+        for setting, params in SETTINGS.items():
+            rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
+            for repeat in range(args.repeats + 1):  # repeat 0 warms up (and times the policy)
+                for mode in modes:
+                    config = EngineConfig(max_num_seqs=max(16, concurrency), **ENGINE_MODES[mode])
+                    with Engine(model, tokenizer, config=config, mtp_head=head) as engine:
+                        result = engine_round(engine, prompts, params, args.tokens)
+                    if repeat:
+                        rounds[mode].append(result)
+            baseline = statistics.median(statistics.median(r["rates"]) for r in rounds["batch"])
+            base_aggregate = statistics.median(r["aggregate"] for r in rounds["batch"])
+            for mode in modes:
+                rates = [rate for r in rounds[mode] for rate in r["rates"]]
+                aggregate = statistics.median(r["aggregate"] for r in rounds[mode])
+                line = {
+                    "bench": "mtp_engine",
+                    **common,
+                    "concurrency": concurrency,
+                    "sampling": setting,
+                    "mode": mode,
+                    "decode_tok_s_per_stream_p50": round(float(np.percentile(rates, 50)), 2),
+                    "decode_tok_s_per_stream_p99": round(float(np.percentile(rates, 99)), 2),
+                    "aggregate_tok_s": round(aggregate, 2),
+                    "ttft_p50_s": round(
+                        statistics.median(t for r in rounds[mode] for t in r["ttfts"]), 3
+                    ),
+                    "lane_share": round(statistics.mean(r["lane_share"] for r in rounds[mode]), 3),
+                    "accepted_per_draft": round(
+                        statistics.mean(r["accepted_per_draft"] for r in rounds[mode]), 3
+                    ),
+                    "tokens_per_cycle": round(
+                        statistics.mean(r["tokens_per_cycle"] for r in rounds[mode]), 3
+                    ),
+                    "x_batch_per_stream": round(float(np.percentile(rates, 50)) / baseline, 3),
+                    "x_batch_aggregate": round(aggregate / base_aggregate, 3),
+                }
+                print(json.dumps(line), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="mlx-lm folder (default model)")
@@ -156,6 +288,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--head", type=Path, default=None, help="a head file (default: the model's)"
+    )
+    parser.add_argument("--section", choices=("decoders", "engine", "all"), default="all")
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[1, 4, 16],
+        help="engine section: concurrent streams, comma-separated",
     )
     args = parser.parse_args()
 
@@ -179,6 +318,10 @@ def main() -> None:
         "tokens": args.tokens,
         "device": str(mx.default_device()),
     }
+    if args.section in ("engine", "all"):
+        run_engine_section(model, tokenizer, head, PROMPT, common, args)
+    if args.section == "engine":
+        return
     for setting, params in SETTINGS.items():
         results = run_modes(model, trunk, head, prompt, params, args)
         baseline = results["ar"]["decode_tok_s_p50"]
