@@ -85,6 +85,7 @@ class CreateMessageRequest(CountTokensRequest):
     top_k: int | None = Field(default=None, ge=0, strict=True)  # 0: off
     metadata: dict[str, Any] | None = None
     stream: bool = Field(default=False, strict=True)
+    generation_mode: Literal["auto", "ar", "mtp"] | None = None  # ours: "ar" forces plain decoding
 
 
 class TextContent(BaseModel):

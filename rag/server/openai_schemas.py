@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from inference.backend import GenerationChunk, Usage
+from inference.backend import GenerationChunk, SpeculationStats, Usage
 from inference.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprobs
 from inference.stopping import StopParams
 
@@ -107,6 +107,8 @@ class GenerationFields(_Body):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = None  # vLLM's extension, for benchmarks
+    # Ours: "ar" forces plain decoding, "mtp" lets a seeded sampled request speculate too.
+    generation_mode: Literal["auto", "ar", "mtp"] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -258,6 +260,7 @@ class ChoiceState:
     pending: list[ReportedToken] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
+    speculation: SpeculationStats | None = None
 
     def add(self, chunk: GenerationChunk) -> None:
         for token in chunk.logprobs:
@@ -271,6 +274,7 @@ class ChoiceState:
                 raise APIError(503, "the server cancelled this generation", code="cancelled")
             self.finish_reason = chunk.finish_reason
             self.usage = chunk.usage
+            self.speculation = chunk.speculation
 
     def take_logprobs(self) -> list[ReportedToken]:
         taken, self.pending = self.pending, []
@@ -313,11 +317,39 @@ def usage_body(states: Sequence[ChoiceState], num_per_prompt: int) -> dict[str, 
     per_prompt = usages[::num_per_prompt]
     num_prompt = sum(u.prompt_tokens for u in per_prompt)
     num_completion = sum(u.completion_tokens for u in usages)
-    return {
+    body: dict[str, Any] = {
         "prompt_tokens": num_prompt,
         "completion_tokens": num_completion,
         "total_tokens": num_prompt + num_completion,
         "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in per_prompt)},
+    }
+    speculation = [s.speculation for s in states if s.speculation is not None]
+    if speculation:
+        num_accepted = sum(x.num_accepted for x in speculation)
+        body["completion_tokens_details"] = {
+            # OpenAI's names for draft tokens the model kept and threw away.
+            "accepted_prediction_tokens": num_accepted,
+            "rejected_prediction_tokens": sum(x.num_drafted for x in speculation) - num_accepted,
+        }
+        body["speculation"] = speculation_body(speculation)
+    return body
+
+
+def speculation_body(stats: Sequence[SpeculationStats]) -> dict[str, Any]:
+    """Our extension: which lane decoded the choices, at what depth, and how drafts fared."""
+    max_depth = max(x.max_depth for x in stats)
+    by_depth = [
+        sum(x.accepted_by_depth[j] for x in stats if j < x.max_depth) for j in range(max_depth)
+    ]
+    lanes = sorted({x.lane for x in stats})
+    return {
+        "lane": lanes[0] if len(lanes) == 1 else "mixed",
+        "mtp_tokens": sum(x.mtp_tokens for x in stats),
+        "batch_tokens": sum(x.batch_tokens for x in stats),
+        "max_depth": max_depth,
+        "cycles": sum(x.num_cycles for x in stats),
+        "drafted_tokens": sum(x.num_drafted for x in stats),
+        "accepted_by_depth": by_depth,
     }
 
 

@@ -118,6 +118,7 @@ def _generation_request(body: CreateMessageRequest, ids: list[int]) -> Generatio
                 top_k=body.top_k or 0,
             ),
             stop=StopParams(max_tokens=body.max_tokens, stop=tuple(body.stop_sequences or ())),
+            generation_mode=body.generation_mode or "auto",
         )
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc

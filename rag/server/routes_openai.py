@@ -94,6 +94,7 @@ def _submit(
                         sampling=body.sampling(choice, num_top_logprobs=num_top_logprobs),
                         stop=body.stop_params(max_tokens),
                         ignore_eos=bool(body.ignore_eos),
+                        generation_mode=body.generation_mode or "auto",
                     )
                 except ValueError as exc:
                     raise APIError(400, str(exc)) from exc
