@@ -64,6 +64,7 @@ from inference.engine_types import (
     StepRecord,
 )
 from inference.model_fingerprint import fingerprint_model_dir, parameters_dtype
+from inference.model_settings import read_model_settings
 from inference.mtp_head import MTPHead, load_head
 from inference.paths import data_dir
 from inference.prefix_cache import (
@@ -205,8 +206,14 @@ class Engine:
         except (OSError, ValueError) as exc:  # not a local folder of safetensors
             log.info("prefix cache: no fingerprint for %s (%s); RAM only", path, exc)
             fingerprint = None
+        config = config or EngineConfig()
         head = None
-        if config is None or config.mtp:
+        if config.mtp and config.mtp_depth is None and config.mtp_tuned and fingerprint:
+            tuned = read_model_settings(fingerprint)
+            if tuned is not None:  # `rag tune` measured this model here
+                log.info("%s: MTP depth %d from rag tune", name, tuned.mtp_depth)
+                config = replace(config, mtp=tuned.mtp_depth > 0, mtp_depth=tuned.mtp_depth or None)
+        if config.mtp:
             try:
                 head = load_head(Path(path), model)
             except (OSError, ValueError) as exc:  # a broken sidecar must not stop serving

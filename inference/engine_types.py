@@ -42,7 +42,8 @@ class EngineConfig:
     # MTP lane (engine_mtp.py): speculative decoding with the model's draft head, when it has
     # one, for requests running while the engine holds at most mtp_max_requests of them.
     mtp: bool = True
-    mtp_depth: int | None = None  # None: adaptive 0..3 by measured gain; 1..3: that depth or 0
+    mtp_depth: int | None = None  # None: as `rag tune` chose, else adaptive; 1..3: that depth
+    mtp_tuned: bool = True  # False: ignore `rag tune`'s choice (mtp_depth None is then adaptive)
     mtp_max_requests: int = 1
 
     def __post_init__(self) -> None:

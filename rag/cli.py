@@ -11,7 +11,7 @@ from pathlib import Path
 
 from inference.paths import MODEL_DIR_ENV
 
-from rag import ask, doctor, models_cli, mtp_cli, serve
+from rag import ask, doctor, models_cli, mtp_cli, serve, tune_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a folder of your own model folders or .gguf files (default: ${MODEL_DIR_ENV})",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (ask, doctor, models_cli, mtp_cli, serve):
+    for module in (ask, doctor, models_cli, mtp_cli, serve, tune_cli):
         module.add_parser(subparsers)
     return parser
 
