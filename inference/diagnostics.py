@@ -29,7 +29,7 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _device_name() -> str:
+def device_name() -> str:
     if mx.metal.is_available():
         return "gpu (metal)"
     if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
@@ -57,7 +57,7 @@ def runtime_report() -> RuntimeReport:
         python=platform.python_version(),
         mlx=_version("mlx"),
         mlx_lm=_version("mlx-lm"),
-        device=_device_name(),
+        device=device_name(),
         blas=blas_status(),
         matmul_gflops=measure_cpu_matmul_gflops(),
     )

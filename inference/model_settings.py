@@ -34,6 +34,16 @@ class ModelSettings:
             raise ValueError(f"mtp_depth must be 0..3, got {self.mtp_depth!r}")
 
 
+def model_key(model_dir: Path, model: Any) -> str:
+    """The fingerprint a loaded model's settings are kept under (its folder, in its dtype)."""
+    from inference.model_fingerprint import fingerprint_model_dir, parameters_dtype
+
+    from mlx.utils import tree_flatten
+
+    dtype = parameters_dtype(v for _, v in tree_flatten(model.parameters()))
+    return fingerprint_model_dir(model_dir, dtype)
+
+
 def settings_path(fingerprint: str) -> Path:
     return data_dir() / "model-settings" / f"{fingerprint}.json"
 

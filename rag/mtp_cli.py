@@ -9,7 +9,7 @@ eval: plain decoding against the MTP lane at depth 1..3 on held-out prompts, gre
       0.6 / top_p 0.95 / top_k 20: acceptance per depth, tokens per cycle, decode tok/s.
 
 Both print one JSON object per line. Everything past argument handling and prompt wording lives
-in inference.mtp_fit.
+in inference.mtp_fit and its mtp_fit_data / mtp_fit_loss / mtp_fit_measure.
 """
 
 from __future__ import annotations
@@ -25,22 +25,24 @@ from typing import Any
 from inference.chat_model import ModelNotFoundError, resolve_chat_model
 from inference.mtp_fit import (
     FitConfig,
-    chat_prompt_ids,
-    compare_modes,
-    draft_vocabulary,
     evaluate_teacher_forced,
     fit_head,
-    generate_samples,
     init_head,
-    load_samples,
     load_trunk,
     resume_head,
     save_fitted_head,
+    trunk_identity,
+)
+from inference.mtp_fit_data import (
+    chat_prompt_ids,
+    draft_vocabulary,
+    generate_samples,
+    load_samples,
     save_samples,
     stop_ids,
     text_samples,
-    trunk_identity,
 )
+from inference.mtp_fit_measure import compare_modes
 from inference.mtp_head import (
     HeadLoadError,
     load_head,

@@ -26,9 +26,10 @@ from typing import Any
 
 from inference.backend import GenerationRequest
 from inference.chat_model import ModelNotFoundError, resolve_chat_model
+from inference.diagnostics import device_name
 from inference.engine import Engine, EngineConfig
-from inference.model_fingerprint import fingerprint_model_dir, parameters_dtype
-from inference.model_settings import ModelSettings, write_model_settings
+from inference.model_settings import ModelSettings, model_key, write_model_settings
+from inference.mtp_fit import load_trunk
 from inference.mtp_head import HeadLoadError, MTPHead, load_head
 from inference.sampling import SamplingParams
 from inference.stopping import StopParams
@@ -129,16 +130,13 @@ def best_depth(results: dict[str, dict[str, Any]], margin: float) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm import load
-
     try:
         params = SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=0
         )
         folder = resolve_chat_model(args.model)
-        model, tokenizer = load(str(folder))
+        trunk, tokenizer = load_trunk(folder)
+        model = trunk.model
         head = load_head(Path(folder), model)
     except (ModelNotFoundError, HeadLoadError, OSError, ValueError) as exc:
         print(f"error: {exc}")
@@ -156,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     results = measure(model, tokenizer, head, prompts, params, args)
     baseline = results["ar"]["decode_tok_s"]
     sampling = f"t{args.temperature}_p{args.top_p}_k{args.top_k}"
-    device = f"{mx.default_device()} ({platform.machine()})"
+    device = f"{device_name()} ({platform.machine()})"
     for mode, result in results.items():
         record = {
             "bench": "rag_tune",
@@ -173,7 +171,6 @@ def run(args: argparse.Namespace) -> int:
     depth = best_depth(results, args.margin)
     summary: dict[str, Any] = {"bench": "rag_tune", "model": folder.name, "mtp_depth": depth}
     if not args.dry_run:
-        dtype = parameters_dtype(v for _, v in tree_flatten(model.parameters()))
         measured = {
             "sampling": sampling,
             "device": device,
@@ -181,9 +178,7 @@ def run(args: argparse.Namespace) -> int:
             "decode_tok_s": {m: round(r["decode_tok_s"], 2) for m, r in results.items()},
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        path = write_model_settings(
-            fingerprint_model_dir(folder, dtype), ModelSettings(depth, measured)
-        )
+        path = write_model_settings(model_key(folder, model), ModelSettings(depth, measured))
         summary["written"] = str(path)
     print(json.dumps(summary), flush=True)
     return 0

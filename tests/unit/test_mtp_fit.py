@@ -15,19 +15,21 @@ from inference import mtp_head
 from inference.mtp_decode import MTPDecoder, Trunk, decode_plain
 from inference.mtp_fit import (
     FitConfig,
-    Sample,
-    draft_vocabulary,
     evaluate_teacher_forced,
     fit_head,
-    generate_samples,
     init_head,
-    make_batch,
-    measure_acceptance,
     save_fitted_head,
-    text_samples,
     trunk_identity,
-    unrolled_outputs,
 )
+from inference.mtp_fit_data import (
+    Sample,
+    draft_vocabulary,
+    generate_samples,
+    make_batch,
+    text_samples,
+)
+from inference.mtp_fit_loss import unrolled_outputs
+from inference.mtp_fit_measure import measure_acceptance
 from inference.mtp_head import (
     SIDECAR_NAME,
     load_head,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import inference  # noqa: F401  (loads the BLAS before mlx)
 from inference.engine import Engine, EngineConfig
-from inference.model_fingerprint import fingerprint_model_dir, parameters_dtype
 from inference.model_settings import (
     ModelSettings,
+    model_key,
     read_model_settings,
     settings_path,
     write_model_settings,
@@ -20,7 +20,6 @@ from inference.mtp_head import make_generic_head, save_head, sidecar_path
 
 import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten
 from mlx_lm import load
 
 from rag.cli import main
@@ -40,10 +39,7 @@ def headed_llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def fingerprint(folder: Path) -> str:
-    model, _ = load(str(folder))
-    return fingerprint_model_dir(
-        folder, parameters_dtype(v for _, v in tree_flatten(model.parameters()))
-    )
+    return model_key(folder, load(str(folder))[0])
 
 
 def test_best_depth_needs_a_margin_over_plain() -> None:
