@@ -39,7 +39,7 @@ from pathlib import Path
 
 import inference  # noqa: F401  (loads the BLAS before mlx)
 from inference.backend import GenerationRequest
-from inference.chat_model import default_chat_model
+from inference.chat_model import default_chat_model, resolve_chat_model
 from inference.engine import Engine, EngineConfig
 from inference.mtp_decode import MTPDecoder, Trunk, iter_plain
 from inference.mtp_head import MTPHead, load_head, load_sidecar_head, make_generic_head
@@ -298,7 +298,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    folder = args.model or default_chat_model()
+    # A folder, a .gguf (converted once into the data dir) or the default model.
+    folder = resolve_chat_model(str(args.model)) if args.model else default_chat_model()
     model, tokenizer = load(str(folder))
     head = load_sidecar_head(args.head, model) if args.head else load_head(folder, model)
     head_source = head.config.kind if head else "random generic (untrained)"
