@@ -1,4 +1,8 @@
-"""`rag serve`: load the models once, then answer HTTP on 127.0.0.1:8000 until stopped."""
+"""`rag serve`: load the models once, then answer HTTP on 127.0.0.1:8000 until stopped.
+
+With `--upstream URL` (repeatable) generation goes to OpenAI-compatible servers instead of a
+local MLX engine (rag.upstreams); ingest, the index, embeddings and the RAG path stay here.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,17 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inference.chat_model import ModelNotFoundError
 from inference.engine import EngineConfig
 from inference.model_pool import PoolConfig
 
 from rag.server.settings import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
+from rag.upstreams.config import ROUTING_POLICIES, RouterConfig, UpstreamSpec, parse_upstream
+
+if TYPE_CHECKING:
+    from rag.server.loading import LoadOptions
 
 GiB = 1024**3
 API_KEYS_ENV = "RAG_API_KEYS"  # comma-separated; an env var keeps keys out of `ps` output
@@ -102,7 +111,56 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="allow browser calls from ORIGIN (repeatable; default: CORS off)",
     )
     parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    _add_upstream_arguments(parser)
     parser.set_defaults(run=run)
+
+
+def _add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = RouterConfig()
+    group = parser.add_argument_group(
+        "remote generation",
+        "send generation to OpenAI-compatible servers (vLLM, SGLang, llama-server, another "
+        "rag serve) instead of loading a local chat model",
+    )
+    group.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        type=_upstream,
+        metavar="URL[,model=NAME][,key=KEY|,key_env=VAR]",
+        help="an upstream serving the chat model (repeatable; all serve the same model)",
+    )
+    group.add_argument(
+        "--upstream-policy",
+        choices=ROUTING_POLICIES,
+        default=defaults.policy,
+        help="affinity: same prompt prefix, same upstream (its prefix cache hits); "
+        "round_robin: in turn (default: %(default)s)",
+    )
+    group.add_argument(
+        "--upstream-tokenizer",
+        type=Path,
+        help="local folder with the upstreams' model tokenizer and chat template "
+        "(default: the folder --model resolves to)",
+    )
+    group.add_argument(
+        "--upstream-affinity-tokens",
+        type=int,
+        default=defaults.affinity_tokens,
+        help="prompts sharing this many first tokens share an upstream (default: %(default)s)",
+    )
+    group.add_argument(
+        "--upstream-max-model-len",
+        type=int,
+        help="context length (default: what the upstreams report in /v1/models)",
+    )
+
+
+def _upstream(text: str) -> UpstreamSpec:
+    try:
+        return parse_upstream(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def settings_from(args: argparse.Namespace) -> ServerSettings:
@@ -112,41 +170,54 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     )
 
 
+def load_options_from(args: argparse.Namespace) -> LoadOptions:
+    """The parsed flags as what loading.py loads; ValueError for values out of range."""
+    from rag.server.loading import LoadOptions
+
+    engine = EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        prefix_cache_ram_bytes=int(args.prefix_cache_ram_gb * GiB),
+        prefix_cache_ssd_bytes=int(args.prefix_cache_ssd_gb * GiB),
+        prefix_cache_block_size=args.prefix_cache_block_size,
+        prefix_cache_dir=args.prefix_cache_dir,
+    )
+    pool = PoolConfig(
+        memory_limit_bytes=None
+        if args.memory_limit_gb is None
+        else int(args.memory_limit_gb * GiB),
+        pinned=tuple(args.pin),
+        idle_ttl_s=args.idle_ttl,
+    )
+    return LoadOptions(
+        pool=pool,
+        model=args.model,
+        embedder=args.embedder,
+        reranker=args.reranker,
+        index_path=args.db,
+        engine=engine,
+        upstreams=tuple(args.upstream),
+        router=RouterConfig(
+            policy=args.upstream_policy,
+            affinity_tokens=args.upstream_affinity_tokens,
+            max_model_len=args.upstream_max_model_len,
+        ),
+        upstream_tokenizer=args.upstream_tokenizer,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from rag.server.app import create_app
-    from rag.server.loading import LoadOptions, load_services
+    from rag.server.loading import load_services
     from rag.server.log_format import configure_logging
 
     configure_logging(json_lines=args.log_json, verbose=args.verbose)
     try:
         settings = settings_from(args)
-        engine = EngineConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len,
-            prefix_cache_ram_bytes=int(args.prefix_cache_ram_gb * GiB),
-            prefix_cache_ssd_bytes=int(args.prefix_cache_ssd_gb * GiB),
-            prefix_cache_block_size=args.prefix_cache_block_size,
-            prefix_cache_dir=args.prefix_cache_dir,
-        )
-        pool = PoolConfig(
-            memory_limit_bytes=None
-            if args.memory_limit_gb is None
-            else int(args.memory_limit_gb * GiB),
-            pinned=tuple(args.pin),
-            idle_ttl_s=args.idle_ttl,
-        )
-        options = LoadOptions(
-            pool=pool,
-            model=args.model,
-            embedder=args.embedder,
-            reranker=args.reranker,
-            index_path=args.db,
-            engine=engine,
-        )
-        services = load_services(options)
+        services = load_services(load_options_from(args))
     except (ValueError, ModelNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

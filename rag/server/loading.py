@@ -5,6 +5,10 @@ at start; any other model of the user's model dir loads when a request names it,
 recently used idle ones are unloaded to stay within the memory limit. Clients can only name
 models the listing shows, never a path on the server's disk.
 
+With upstreams (`--upstream`), no local chat engine is loaded: one RemoteBackend (rag.upstreams)
+routes generation to them, tokenizing with the chat model's local folder (or
+--upstream-tokenizer); its per-upstream metrics join /metrics.
+
 A missing embedder is said once at start-up; the server still starts (chat-only is useful), and
 the routes that need it answer with a clear 4xx.
 """
@@ -29,7 +33,10 @@ from ingest.config import default_db_path
 from ingest.errors import IngestError
 from rag.reranking import Reranker
 from rag.server.reranker_choice import choose_reranker
-from rag.server.services import PooledModelRegistry, Services
+from rag.server.services import ModelRegistry, PooledModelRegistry, Services, StaticModelRegistry
+from rag.upstreams.backend import RemoteBackend, make_remote_backend
+from rag.upstreams.config import RouterConfig, UpstreamSpec
+from rag.upstreams.metrics import UpstreamCollector
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,9 @@ class LoadOptions:
     index_path: Path | None = None  # None: $RAG_DATA_DIR/index.sqlite3
     engine: EngineConfig = field(default_factory=EngineConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)  # `pinned` is set to the main model
+    upstreams: tuple[UpstreamSpec, ...] = ()  # non-empty: generation is remote, no local engine
+    router: RouterConfig = field(default_factory=RouterConfig)
+    upstream_tokenizer: Path | None = None  # None: the folder `model` resolves to
 
 
 def model_cost_bytes(folder: Path, engine: EngineConfig) -> int:
@@ -88,9 +98,18 @@ def make_model_registry(options: LoadOptions) -> PooledModelRegistry:
     return PooledModelRegistry(ModelPool(resolve, pool_config), main_name, available)
 
 
+def make_remote_registry(options: LoadOptions) -> StaticModelRegistry:
+    """One RemoteBackend over the upstreams; the tokenizer comes from a local model folder."""
+    folder = options.upstream_tokenizer or resolve_chat_model(options.model)
+    backend = make_remote_backend(options.upstreams, options.router, folder.expanduser())
+    return StaticModelRegistry([backend])
+
+
 def load_services(options: LoadOptions) -> Services:
     """Load the models (minutes for big ones); raises ModelNotFoundError for a missing chat model."""
-    models = make_model_registry(options)
+    models: ModelRegistry = (
+        make_remote_registry(options) if options.upstreams else make_model_registry(options)
+    )
     try:
         embedder = load_embedder(options.embedder)
     except IngestError as exc:
@@ -98,4 +117,20 @@ def load_services(options: LoadOptions) -> Services:
         embedder = None
     reranker: Reranker | None = choose_reranker(options.reranker, embedder)
     index_path = (options.index_path or default_db_path()).expanduser()
-    return Services(models=models, embedder=embedder, reranker=reranker, index_path=index_path)
+    services = Services(models=models, embedder=embedder, reranker=reranker, index_path=index_path)
+    if options.upstreams:
+        register_upstream_metrics(services)
+    return services
+
+
+def register_upstream_metrics(services: Services) -> None:
+    """rag_upstream_* on /metrics, for every RemoteBackend the registry holds."""
+    assert services.metrics is not None
+
+    def probe() -> dict[str, list]:
+        backends = {name: services.models.get(name) for name in services.models.loaded_names()}
+        return {
+            name: b.upstream_stats() for name, b in backends.items() if isinstance(b, RemoteBackend)
+        }
+
+    services.metrics.registry.register(UpstreamCollector(probe))
