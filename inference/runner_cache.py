@@ -29,7 +29,7 @@ and memory limits (the scheduler's KVCapacity counts tokens).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import mlx.core as mx
@@ -225,9 +225,14 @@ class SlotKVCache:
                 array[slot : slot + 1, :, offset : offset + rows.num_tokens] = new
             else:
                 shared = shared or _PassArrays.make(rows)
-                assert shared.slot_idx is not None
-                # Advanced indices around a slice put their dims first: (rows, L, heads, dim).
-                array[shared.slot_idx, :, shared.position_idx] = new.transpose(0, 2, 1, 3)
+                # One scatter of whole head_dim rows into a flat view: no transposed copy of
+                # the update and no broadcast indices per layer (on CUDA the 4-D scatter cost
+                # 2.5 ms a step over 36 layers).
+                flat_idx = shared.flat_index(array.shape)
+                shape = array.shape
+                flat = array.reshape(-1, shape[-1])
+                flat[flat_idx] = new.reshape(-1, shape[-1])
+                array = flat.reshape(shape)
             arrays[layer] = array
 
     def fetch(
@@ -309,8 +314,21 @@ class _PassArrays:
 
     offset: int | mx.array  # RoPE offset of each row's first new token
     mask: str | mx.array | None  # None: one query; "causal": one row; else (rows, 1, L, T) bool
-    slot_idx: mx.array | None  # (rows, 1): the scatter's slot per row
-    position_idx: mx.array | None  # (rows, L): the scatter's positions per row
+    slot_idx: mx.array | None  # (rows, 1): the slot per row (a gathered fetch)
+    position_idx: mx.array | None  # (rows, L): the positions each row writes
+    _flat: dict[tuple[int, ...], mx.array] = field(default_factory=dict)
+
+    def flat_index(self, shape: tuple[int, ...]) -> mx.array:
+        """(rows * heads * L,) indices of the written (slot, head, position) rows in a
+        (slots * heads * capacity, head_dim) view of a K/V array of this shape."""
+        index = self._flat.get(shape)
+        if index is None:
+            assert self.slot_idx is not None and self.position_idx is not None
+            _, heads, capacity, _ = shape
+            head_base = (self.slot_idx * heads + mx.arange(heads)[None]) * capacity  # (rows, H)
+            index = (head_base[:, :, None] + self.position_idx[:, None, :]).flatten()
+            self._flat[shape] = index
+        return index
 
     @staticmethod
     def make(rows: PassRows) -> _PassArrays:
