@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.backend import GenerationChunk, GenerationError, GenerationRequest, Usage
-from inference.engine_mtp import MTPLane, verify_rows
+from inference.engine_mtp import LaneTotals, MTPLane, verify_rows
 from inference.engine_prefix import PrefixSharing
 from inference.engine_requests import RequestState
 from inference.engine_stream import GenerationHandle
@@ -257,6 +257,10 @@ class Engine:
     @property
     def mtp_off_reason(self) -> str:
         return self._mtp_off
+
+    def mtp_stats(self) -> LaneTotals | None:
+        """The lane's counters since start (None without a lane); any thread may call it."""
+        return None if self._mtp is None else self._mtp.totals()
 
     def _make_prefix_cache(self, model: nn.Module, fingerprint: str | None) -> PrefixCache | None:
         config = self.config

@@ -154,6 +154,17 @@ class _Drafting:
 
 
 @dataclass(frozen=True)
+class LaneTotals:
+    """An engine's lane since it started, for metrics (a snapshot; any thread may read it)."""
+
+    mtp_tokens: int = 0  # committed by draft-verify cycles
+    batch_tokens: int = 0  # decoded one per step, in the batch or plain in the lane
+    num_cycles: int = 0
+    num_drafted: int = 0
+    accepted_by_depth: tuple[int, ...] = (0,) * MAX_DEPTH  # cycles whose draft j + 1 stood
+
+
+@dataclass(frozen=True)
 class CycleOutcome:
     """What one verified step committed for a request."""
 
@@ -187,6 +198,13 @@ class MTPLane:
         self.max_requests = max_requests
         self.policy = DepthPolicy(max_depth, fixed_depth=fixed_depth)
         self._drafting: dict[str, _Drafting] = {}
+        self._totals = _Drafting([])  # the engine's counters, kept like a request's
+
+    def totals(self) -> LaneTotals:
+        t = self._totals
+        return LaneTotals(
+            t.mtp_tokens, t.batch_tokens, t.num_cycles, t.num_drafted, tuple(t.accepted_by_depth)
+        )
 
     # -- which requests speculate ------------------------------------------------------------
 
@@ -232,12 +250,13 @@ class MTPLane:
 
     def left_lane(self, request_id: str, num_tokens: int) -> None:
         """The request decoded a token in the batch: the head missed it."""
-        drafting = self._of(request_id)
-        drafting.batch_tokens += num_tokens
+        self.count_plain(request_id, num_tokens)
+        drafting = self._drafting[request_id]
         drafting.pending, drafting.stale = None, True
 
     def count_plain(self, request_id: str, num_tokens: int) -> None:
         self._of(request_id).batch_tokens += num_tokens
+        self._totals.batch_tokens += num_tokens
 
     def can_draft(self, state: RequestState) -> bool:
         """The head holds a pair ending at the newest token: (h_{n-1}, x_n)."""
@@ -316,12 +335,13 @@ class MTPLane:
         if hiddens is not None:
             drafting.pending, drafting.pending_start = hiddens[None, : k + 1], n
         drafting.drafts, drafting.draft_probs = [], None
-        drafting.num_cycles += 1
-        drafting.num_drafted += num_verified
-        drafting.max_depth = max(drafting.max_depth, num_verified)
-        for j in range(k):
-            drafting.accepted_by_depth[j] += 1
-        drafting.mtp_tokens += k + 1
+        for counters in (drafting, self._totals):
+            counters.num_cycles += 1
+            counters.num_drafted += num_verified
+            counters.max_depth = max(counters.max_depth, num_verified)
+            for j in range(k):
+                counters.accepted_by_depth[j] += 1
+            counters.mtp_tokens += k + 1
         self.policy.observe_cycle(num_verified, k)
         return CycleOutcome((*drafts[:k], verdict.token_id), num_verified, num_verified - k)
 

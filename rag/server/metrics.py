@@ -10,6 +10,8 @@ the small methods here, so metric names live in one file:
     rag_embedded_inputs_total{model}            rag_reranked_documents_total{model}
     rag_prefix_cache_{lookups,hits}_total{model}  rag_prefix_cache_hit_tokens_total{model,tier}
     rag_prefix_cache_{blocks,bytes}{model,tier}   rag_prefix_cache_evictions_total{model,tier}
+    rag_decoded_tokens_total{model,lane}          rag_mtp_{cycles,drafted_tokens}_total{model}
+    rag_mtp_accepted_drafts_total{model,depth}
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ _PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 
 LoadProbe = Callable[[], dict[str, tuple[int, int]]]
 # model name -> its prefix cache's stats (inference.prefix_cache.PrefixCacheStats), at scrape time.
 CacheProbe = Callable[[], dict[str, Any]]
+
+# model name -> its MTP lane's counters (inference.engine_mtp.LaneTotals), at scrape time.
+MTPProbe = Callable[[], dict[str, Any]]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -100,9 +105,45 @@ class _PrefixCacheCollector(Collector):
         yield from (lookups, hits, hit_tokens, blocks, size, evictions, corrupt)
 
 
+class _MTPCollector(Collector):
+    """The engines' speculative lane: which lane decoded the tokens, and how drafts fared."""
+
+    def __init__(self, probe: MTPProbe) -> None:
+        self.probe = probe
+
+    def collect(self) -> Iterator[Metric]:
+        tokens = CounterMetricFamily(
+            "rag_decoded_tokens",
+            "Generated tokens by lane: mtp (draft-verify cycles) or batch (one per step)",
+            labels=["model", "lane"],
+        )
+        cycles = CounterMetricFamily(
+            "rag_mtp_cycles", "Draft-verify cycles of the MTP lane", labels=["model"]
+        )
+        drafted = CounterMetricFamily(
+            "rag_mtp_drafted_tokens", "Draft tokens verified", labels=["model"]
+        )
+        accepted = CounterMetricFamily(
+            "rag_mtp_accepted_drafts",
+            "Cycles whose draft at this depth stood",
+            labels=["model", "depth"],
+        )
+        for model, t in sorted(self.probe().items()):
+            tokens.add_metric([model, "mtp"], t.mtp_tokens)
+            tokens.add_metric([model, "batch"], t.batch_tokens)
+            cycles.add_metric([model], t.num_cycles)
+            drafted.add_metric([model], t.num_drafted)
+            for depth, count in enumerate(t.accepted_by_depth, start=1):
+                accepted.add_metric([model, str(depth)], count)
+        yield from (tokens, cycles, drafted, accepted)
+
+
 class ServerMetrics:
     def __init__(
-        self, load_probe: LoadProbe | None = None, cache_probe: CacheProbe | None = None
+        self,
+        load_probe: LoadProbe | None = None,
+        cache_probe: CacheProbe | None = None,
+        mtp_probe: MTPProbe | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -150,6 +191,8 @@ class ServerMetrics:
             r.register(_LoadCollector(load_probe))
         if cache_probe is not None:
             r.register(_PrefixCacheCollector(cache_probe))
+        if mtp_probe is not None:
+            r.register(_MTPCollector(mtp_probe))
 
     def observe_request(self, route: str, status: int, duration_s: float) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -56,6 +56,10 @@ class ModelRegistry(Protocol):
         """Model name -> its prefix cache's stats, for loaded models that have one (/metrics)."""
         ...
 
+    def mtp_stats(self) -> dict[str, Any]:
+        """Model name -> its MTP lane's counters, for loaded models that have a lane (/metrics)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -69,12 +73,13 @@ def _loads(backends: Mapping[str, GenerationBackend]) -> dict[str, tuple[int, in
     return loads
 
 
-def _cache_stats(backends: Mapping[str, GenerationBackend]) -> dict[str, Any]:
+def _probe(backends: Mapping[str, GenerationBackend], method: str) -> dict[str, Any]:
+    """Model name -> backend.method() for the backends that have it and answer (the MLX engine)."""
     stats: dict[str, Any] = {}
     for name, backend in backends.items():
-        probe = getattr(backend, "prefix_cache_stats", None)  # the MLX engine has one
-        if callable(probe):
-            stats[name] = probe()
+        probe = getattr(backend, method, None)
+        if callable(probe) and (value := probe()) is not None:
+            stats[name] = value
     return stats
 
 
@@ -116,7 +121,10 @@ class StaticModelRegistry:
         return _loads(self._backends)
 
     def cache_stats(self) -> dict[str, Any]:
-        return _cache_stats(self._backends)
+        return _probe(self._backends, "prefix_cache_stats")
+
+    def mtp_stats(self) -> dict[str, Any]:
+        return _probe(self._backends, "mtp_stats")
 
     def close(self) -> None:
         for backend in self._backends.values():
@@ -155,7 +163,10 @@ class PooledModelRegistry:
         return _loads(self._pool.loaded_backends())
 
     def cache_stats(self) -> dict[str, Any]:
-        return _cache_stats(self._pool.loaded_backends())
+        return _probe(self._pool.loaded_backends(), "prefix_cache_stats")
+
+    def mtp_stats(self) -> dict[str, Any]:
+        return _probe(self._pool.loaded_backends(), "mtp_stats")
 
     def close(self) -> None:
         self._pool.close()
@@ -191,7 +202,9 @@ class Services:
 
     def __post_init__(self) -> None:
         if self.metrics is None:
-            self.metrics = ServerMetrics(self.models.load, self.models.cache_stats)
+            self.metrics = ServerMetrics(
+                self.models.load, self.models.cache_stats, self.models.mtp_stats
+            )
 
     def require_embedder(self) -> TextEmbedder:
         if self.embedder is None:

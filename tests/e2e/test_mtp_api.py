@@ -122,3 +122,21 @@ def test_folder_without_head_has_no_speculation_block(tmp_path: Path) -> None:
         client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="none", max_retries=0)
         usage = chat(client).usage
         assert usage is not None and "speculation" not in (usage.model_extra or {})
+
+
+def test_metrics_count_lane_tokens_and_accepted_drafts(server: TinyServer, client) -> None:
+    chat(client)
+    text = httpx.get(f"{server.base_url}/metrics").text
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("rag_") and not line.startswith("#")
+    }
+    assert values[f'rag_decoded_tokens_total{{lane="mtp",model="{TINY_MODEL}"}}'] > 0
+    assert values[f'rag_mtp_cycles_total{{model="{TINY_MODEL}"}}'] > 0
+    drafted = values[f'rag_mtp_drafted_tokens_total{{model="{TINY_MODEL}"}}']
+    accepted = sum(
+        values.get(f'rag_mtp_accepted_drafts_total{{depth="{d}",model="{TINY_MODEL}"}}', 0)
+        for d in (1, 2, 3)
+    )
+    assert drafted > 0 and 0 <= accepted <= drafted
