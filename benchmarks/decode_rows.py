@@ -6,7 +6,7 @@ a warm-up, the median milliseconds of
 
     ours        ModelRunner.execute over the slot KV cache (scatter write, bool mask) + eval
     ours_equal  the same with every row at the same length
-    ours_write  only the slot cache's write + fetch for every layer (no model)
+    ours_write  only the slot cache's write + fetch (views) for every layer (no model)
     mlx_lm      the model over mlx-lm's left-padded BatchKVCache (slice write, its mask) + eval
     sampling    compute_probs + sample for R rows (T 0.6, top_p 0.95, top_k 20)
 
@@ -101,8 +101,10 @@ def ours_write(model, rows: int, base: int, repeats: int) -> float:
     def step() -> list[mx.array]:
         outs = []
         for view in cache.views(pass_rows):
-            outs.extend(view.update_and_fetch(new, new))
-        return [o.sum() for o in outs]
+            outs.extend(view.update_and_fetch(new, new))  # fetched views: no read of the KV
+        for request_id in range(rows):
+            cache.trim(f"r{request_id}", 1)  # the same context every time
+        return [*outs, *cache.arrays()]
 
     return timed(step, repeats)
 
