@@ -271,6 +271,26 @@ def packaged_head_path(model_dir: Path, model: nn.Module) -> Path | None:
     return None
 
 
+def describe_head(model_dir: Path) -> str | None:
+    """Which draft head `load_head` would use for this folder, without loading the model (the
+    packaged-head match by folder fingerprint needs the model, so only the GGUF match is seen)."""
+    model_dir = Path(model_dir)
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type in NATIVE_FAMILIES and read_native_weights(model_dir):
+        return "native mtp.* weights"
+    if sidecar_path(model_dir).is_file():
+        return f"sidecar {sidecar_path(model_dir).name}"
+    record = read_conversion_record(model_dir)
+    source_sha = record.source.sha256 if record and record.source else None
+    for path in sorted(PACKAGED_HEADS_DIR.glob("*.safetensors")):
+        if source_sha and read_sidecar_info(path).get("gguf_sha256") == source_sha:
+            return f"packaged {path.name}"
+    return None
+
+
 # -- native heads --------------------------------------------------------------------------------
 
 

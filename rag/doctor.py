@@ -18,6 +18,7 @@ from pathlib import Path
 from inference.chat_model import ModelNotFoundError, default_chat_model_entry
 from inference.diagnostics import runtime_report
 from inference.embedder import Embedder, EmbedderNotInstalledError, default_embedder_path
+from inference.mtp_head import describe_head
 from inference.paths import data_dir, model_dir
 
 from ingest import sqlite
@@ -87,7 +88,14 @@ def _check_chat_model() -> list[Check]:
         return [
             Check("chat model", FAIL, f"{entry.name} not converted yet: run `rag models prepare`")
         ]
-    return [Check("chat model", OK, f"{entry.name}, {entry.path}")]
+    checks = [Check("chat model", OK, f"{entry.name}, {entry.path}")]
+    head = describe_head(entry.path)
+    if head is None:
+        detail = "none: plain decoding only (`rag mtp fit` fits one)"
+        checks.append(Check("mtp head", WARN, detail))
+    else:
+        checks.append(Check("mtp head", OK, f"{head}; `rag tune` picks its depth here"))
+    return checks
 
 
 def _check_sqlite() -> list[Check]:

@@ -16,7 +16,7 @@ from inference.model_settings import (
     settings_path,
     write_model_settings,
 )
-from inference.mtp_head import make_generic_head, save_head, sidecar_path
+from inference.mtp_head import describe_head, make_generic_head, save_head, sidecar_path
 
 import mlx.core as mx
 import pytest
@@ -91,3 +91,10 @@ def test_tune_without_a_head_is_an_error(tmp_path: Path, capsys) -> None:
     folder = write_tiny_llama(tmp_path / "bare")
     assert main(["tune", "--model", str(folder)]) == 1
     assert "no MTP head" in capsys.readouterr().out
+
+
+def test_describe_head_names_the_head_without_loading_the_model(
+    headed_llama: Path, tmp_path: Path
+) -> None:
+    assert describe_head(headed_llama) == "sidecar mtp_head.safetensors"
+    assert describe_head(write_tiny_llama(tmp_path / "bare")) is None
