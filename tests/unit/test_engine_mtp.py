@@ -251,3 +251,15 @@ def test_engine_from_path_without_a_head_has_no_lane(tmp_path: Path) -> None:
         assert engine.mtp_lane is None
         tokens, last = run(engine, request((5, 6, 7), 3))
         assert len(tokens) == 3 and last.speculation is None
+
+
+def test_several_requests_can_share_the_lane(make_engine) -> None:
+    """mtp_max_requests=2: two requests verify their drafts in the same steps."""
+    want = plain_outputs(make_engine, 16)
+    records: list[StepRecord] = []
+    engine = make_engine(on_step=records.append, mtp_depth=2, mtp_max_requests=2)
+    handles = [engine.submit(request(p, 16)) for p in PROMPTS[:2]]
+    outputs = [[t for c in h for t in c.token_ids] for h in handles]
+    assert outputs == want[:2]
+    both = [r for r in records if sum(1 for i in r.items if i.num_lookahead_tokens) == 2]
+    assert both, "no step verified drafts of both requests"
