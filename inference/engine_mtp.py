@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from inference.backend import SpeculationStats
 from inference.engine_requests import RequestState
-from inference.mtp_decode import MAX_DEPTH, Trunk
+from inference.mtp_decode import MAX_DEPTH, AcceptFn, Trunk
 from inference.mtp_head import MTPHead
 from inference.sampling import compute_probs
 from inference.speculative import (
@@ -197,6 +197,7 @@ class MTPLane:
         self.head = head
         self.max_requests = max_requests
         self.policy = DepthPolicy(max_depth, fixed_depth=fixed_depth)
+        self.accept: AcceptFn = accept_drafts  # the rule; tests swap in broken ones
         self._drafting: dict[str, _Drafting] = {}
         self._totals = _Drafting([])  # the engine's counters, kept like a request's
 
@@ -323,7 +324,7 @@ class MTPLane:
                 logits, [state.sampling] * len(histories), [prompt] * len(histories), histories
             )
         )
-        verdict: Verdict = accept_drafts(
+        verdict: Verdict = self.accept(
             target,
             drafting.draft_probs[:num_verified],
             drafts,

@@ -9,7 +9,9 @@ the last chunk reports the lane, depth and acceptance.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import inference  # noqa: F401  (loads the BLAS before mlx)
@@ -21,11 +23,19 @@ from inference.stopping import StopParams
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx_lm import load
 
 from tests.fixtures.tiny_llama import write_tiny_llama
-from tests.unit.test_mtp_decode import echo_head, random_head
+from tests.unit.test_mtp_decode import (
+    PROMPT,
+    SAMPLED,
+    echo_head,
+    exact_distribution,
+    random_head,
+)
+from tests.unit.test_speculative import chi_square_p_value, skip_residual
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = [tuple(3 + (n + 7 * i) % 290 for i in range(n)) for n in (5, 23, 40)]
@@ -263,3 +273,40 @@ def test_several_requests_can_share_the_lane(make_engine) -> None:
     assert outputs == want[:2]
     both = [r for r in records if sum(1 for i in r.items if i.num_lookahead_tokens) == 2]
     assert both, "no step verified drafts of both requests"
+
+
+def engine_p_value(engine: Engine, model, depth: int, num_draws: int) -> float:
+    """Chi-square p-value of the lane's first depth + 1 tokens over seeds, against plain
+    decoding's exact distribution; requests go in batches that all speculate together. Token 1
+    comes from the prefill, tokens 2 .. depth + 1 from the first cycle (max_tokens leaves it room
+    for all depth drafts and the bonus)."""
+    counts: Counter[tuple[int, ...]] = Counter()
+    for start in range(0, num_draws, 60):
+        handles = [
+            engine.submit(
+                request(PROMPT, depth + 2, replace(SAMPLED, seed=seed), generation_mode="mtp")
+            )
+            for seed in range(start, min(start + 60, num_draws))
+        ]
+        for handle in handles:
+            chunks = list(handle)
+            stats = chunks[-1].speculation
+            assert stats is not None and stats.num_cycles >= 1 and stats.max_depth == depth
+            counts[tuple(t for c in chunks for t in c.token_ids)[: depth + 1]] += 1
+    exact = exact_distribution(model, PROMPT, SAMPLED, depth + 1)
+    outcomes = sorted(exact.keys() | counts.keys())
+    observed = np.array([counts[o] for o in outcomes])
+    return chi_square_p_value(observed, np.array([exact.get(o, 0.0) for o in outcomes]))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_lane_samples_follow_plain_decodings_distribution(make_engine, model, depth) -> None:
+    engine = make_engine(mtp_depth=depth, mtp_max_requests=64, max_num_seqs=64)
+    assert engine_p_value(engine, model, depth, num_draws=240) > 1e-3
+
+
+def test_broken_acceptance_rule_is_caught_in_the_engine(make_engine, model) -> None:
+    engine = make_engine(mtp_depth=3, mtp_max_requests=64, max_num_seqs=64)
+    assert engine.mtp_lane is not None
+    engine.mtp_lane.accept = skip_residual
+    assert engine_p_value(engine, model, 3, num_draws=240) < 1e-6
