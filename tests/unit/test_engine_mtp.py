@@ -17,7 +17,7 @@ from pathlib import Path
 import inference  # noqa: F401  (loads the BLAS before mlx)
 from inference.backend import GenerationChunk, GenerationRequest
 from inference.engine import Engine, EngineConfig, StepRecord
-from inference.engine_mtp import DepthPolicy
+from inference.engine_mtp import DepthPolicy, verify_rows
 from inference.sampling import SamplingParams
 from inference.stopping import StopParams
 
@@ -310,3 +310,44 @@ def test_broken_acceptance_rule_is_caught_in_the_engine(make_engine, model) -> N
     assert engine.mtp_lane is not None
     engine.mtp_lane.accept = skip_residual
     assert engine_p_value(engine, model, 3, num_draws=240) < 1e-6
+
+
+def test_verify_chunk_logits_and_rollback_match_step_by_step(model) -> None:
+    """The runner's verify chunk [x_n, d_1, d_2] beside another request's decode: its rows'
+    logits equal one-token-at-a-time logits, and trimming the rejected drafts leaves exactly the
+    keys and values that plain decoding of the kept tokens writes."""
+    from inference.runner import ModelRunner, RunnerConfig
+    from inference.scheduler import ScheduledItem, ScheduledStep
+
+    tokens = {"a": [*PROMPTS[1], 11, 12, 13], "b": list(PROMPTS[0])}
+    n = len(PROMPTS[1])  # x_n = 11 at position n; drafts 12, 13
+
+    def prefill(runner: ModelRunner) -> None:
+        items = (
+            ScheduledItem("a", 0, n, 0, False),
+            ScheduledItem("b", 0, len(tokens["b"]) - 1, 0, False),
+        )
+        runner.execute(ScheduledStep(items, ()), tokens)
+
+    spec = ModelRunner(model, RunnerConfig(num_slots=2))
+    prefill(spec)
+    verify = (
+        ScheduledItem("a", n, 3, 2, True),
+        ScheduledItem("b", len(tokens["b"]) - 1, 1, 0, True),
+    )
+    out = spec.execute(ScheduledStep(verify, ()), tokens)
+    rows = verify_rows(out.request_ids, "a")
+    assert out.positions[rows[0]] == n + 1 and len(rows) == 3
+    spec.cache.trim("a", 1)  # d_2 rejected: keep x_n, d_1
+
+    plain = ModelRunner(model, RunnerConfig(num_slots=2))
+    prefill(plain)
+    for offset in range(3):
+        step = ScheduledStep((ScheduledItem("a", n + offset, 1, 0, True),), ())
+        step_out = plain.execute(step, tokens)
+        assert mx.allclose(step_out.logits[0], out.logits[rows[offset]], atol=1e-4).item()
+    plain.cache.trim("a", 1)
+    got_k, got_v = spec.cache.read("a", 0, n + 2)
+    want_k, want_v = plain.cache.read("a", 0, n + 2)
+    for got, want in zip([*got_k, *got_v], [*want_k, *want_v], strict=True):
+        assert mx.allclose(got, want, atol=1e-5).item()
