@@ -36,7 +36,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--passages", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="cores each side may use")
-    parser.add_argument("--streams", type=int, default=1, help="our parallel MLX streams")
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        help="our parallel MLX streams (BLAS threads = threads / streams)",
+    )
     parser.add_argument(
         "--batch-tokens",
         type=int,

@@ -31,6 +31,8 @@ DEFAULT_BATCH_TOKENS = 2048  # padded tokens per forward pass; keeps activations
 DEFAULT_MAX_BATCH = 64  # rows per forward pass, whatever their length
 # Parallel MLX streams (batches take turns). On this 2-core CPU one stream with a 2-thread BLAS
 # beat two streams of one BLAS thread each (12.8 vs 11.0 chunks/s); the knob stays for others.
+# On a CPU the encoder now syncs once per layer (NumPy attention), so extra streams only overlap
+# graph building; the parallelism is inside the layer (BLAS threads, bert_attention's pool).
 DEFAULT_CPU_STREAMS = 1
 # MLX's buffer cache defaults to 32 MB on a Linux CPU; a forward pass needs a few hundred MB of
 # activations and every uncached buffer is fresh memory to fault in (1.7x slower end to end here).

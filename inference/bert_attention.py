@@ -1,0 +1,165 @@
+"""NumPy kernels of the BERT encoder on a CPU: the attention core, and residual + LayerNorm.
+
+Why not MLX here: its CPU backend runs softmax as scalar loops (exp ~20 ns an element, a
+polynomial exp ~10 ns, a row max ~2 ns), over a [batch, heads, L, L] tensor of ~100 MB that
+never fits a cache. NumPy's exp and reductions are SIMD (~2.6 ns an element for the whole
+softmax), and going one sequence at a time keeps each [heads, n, n] block in the L2 cache and
+lets the sequences run in parallel on a thread pool (NumPy releases the GIL). Each sequence
+attends over its own `n` real tokens only: padding costs nothing, and padded query rows come
+back as zeros (nothing reads them: keys are never padding, pooling masks them).
+
+`residual_layer_norm` is NumPy for the same reason: MLX's CPU layer_norm runs ~4.5 ns an
+element; NumPy over row blocks on the pool, ~1.5x faster on one thread, and spread over all.
+
+This module knows nothing about layers, weights or pooling; `bert.py` calls it on CPU only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import math
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import numpy as np
+
+# exp(64) * 1e5 keys stays far below float32's max; exp(-64) is still a normal float32.
+_EXP_SAFE = 64.0
+_EXP_SAFE_MIN = math.exp(-_EXP_SAFE)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def attention_context(qkv: mx.array, lengths: list[int], num_heads: int, scale: float) -> mx.array:
+    """qkv [B, L, 3H] (query | key | value, head-major inside each) and each row's real length
+    -> softmax(q k^T * scale) v as [B, L, H] float32, zero on padded positions."""
+    batch, length, width = qkv.shape
+    hidden = width // 3
+    fused = np.asarray(qkv.astype(mx.float32))  # evaluates; a view of MLX's buffer, no copy
+    out = np.zeros((batch, length, hidden), dtype=np.float32)
+    tasks = [(row, heads) for row in range(batch) for heads in _head_groups(num_heads, batch)]
+
+    def run(task: tuple[int, slice]) -> None:
+        row, heads = task
+        _attend(fused[row, : lengths[row]], out[row, : lengths[row]], num_heads, heads, scale)
+
+    pool = _get_pool()
+    if pool is None or len(tasks) == 1:
+        for task in tasks:
+            run(task)
+    else:
+        for _ in pool.map(run, tasks):
+            pass
+    return mx.array(out)
+
+
+def residual_layer_norm(
+    x: mx.array, residual: mx.array, weight: mx.array, bias: mx.array, eps: float
+) -> mx.array:
+    """LayerNorm(x + residual) over the last axis, as float32 [..., H]."""
+    shape = x.shape
+    a = np.asarray(x.astype(mx.float32)).reshape(-1, shape[-1])  # evaluates both graphs
+    b = np.asarray(residual.astype(mx.float32)).reshape(-1, shape[-1])
+    w, c = np.asarray(weight.astype(mx.float32)), np.asarray(bias.astype(mx.float32))
+    out = np.empty_like(a)
+    step = max(1, -(-a.shape[0] // _num_workers()))
+    blocks = [slice(start, start + step) for start in range(0, a.shape[0], step)]
+
+    def run(rows: slice) -> None:
+        h = np.add(a[rows], b[rows], out=out[rows])
+        h -= h.mean(axis=-1, keepdims=True)
+        variance = np.einsum("ij,ij->i", h, h)[:, None] / h.shape[-1]
+        h *= 1.0 / np.sqrt(variance + eps)
+        h *= w
+        h += c
+
+    pool = _get_pool()
+    if pool is None or len(blocks) == 1:
+        for rows in blocks:
+            run(rows)
+    else:
+        for _ in pool.map(run, blocks):
+            pass
+    return mx.array(out.reshape(shape))
+
+
+def _attend(fused: np.ndarray, out: np.ndarray, num_heads: int, heads: slice, scale: float) -> None:
+    """One sequence: fused [n, 3H] -> out[:, heads' columns] = attention context of `heads`."""
+    n = fused.shape[0]
+    if n == 0:
+        return
+    parts = fused.reshape(n, 3, num_heads, -1)[:, :, heads]  # [n, 3, h, d] views
+    q = parts[:, 0].transpose(1, 0, 2) * np.float32(scale)  # [h, n, d]; scaling the small side
+    k = parts[:, 1].transpose(1, 2, 0)  # [h, d, n]
+    v = parts[:, 2].transpose(1, 0, 2)  # [h, n, d]
+    scores = np.matmul(q, k)  # [h, n, n]: BLAS reads the strided views in place
+    # v with a column of ones: the same matmul gives the softmax denominators (no sum pass).
+    v_ones = np.empty((v.shape[0], n, v.shape[2] + 1), dtype=np.float32)
+    v_ones[..., :-1] = v
+    v_ones[..., -1] = 1.0
+    # Softmax is shift-invariant; while no score is above _EXP_SAFE (no overflow) and no row's
+    # sum below exp(-_EXP_SAFE) (its terms are normal floats), exp needs no shift: two passes saved.
+    unshifted = scores.max() <= _EXP_SAFE
+    if not unshifted:
+        scores -= scores.max(axis=-1, keepdims=True)
+    weighted = np.matmul(np.exp(scores, out=scores), v_ones)
+    if unshifted and weighted[..., -1].min() < _EXP_SAFE_MIN:  # a row of very negative scores
+        scores = np.matmul(q, k)
+        scores -= scores.max(axis=-1, keepdims=True)
+        weighted = np.matmul(np.exp(scores, out=scores), v_ones)
+    context = weighted[..., :-1] / weighted[..., -1:]
+    head_dim = v.shape[-1]
+    columns = slice(heads.start * head_dim, heads.stop * head_dim)
+    out[:, columns] = context.transpose(1, 0, 2).reshape(n, -1)
+
+
+def _head_groups(num_heads: int, batch: int) -> list[slice]:
+    """Split heads so that even a batch of one sequence gives every worker a task."""
+    groups = max(1, min(num_heads, -(-_num_workers() // batch)))
+    size = -(-num_heads // groups)
+    return [slice(start, min(start + size, num_heads)) for start in range(0, num_heads, size)]
+
+
+def _num_workers() -> int:
+    """One worker per core the BLAS may use (the benchmarks pin it with OPENBLAS_NUM_THREADS)."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return min(int(value), 16)
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 16)
+
+
+def _get_pool() -> ThreadPoolExecutor | None:
+    global _pool
+    if _num_workers() == 1:
+        return None
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                _num_workers(), thread_name_prefix="bert-attention", initializer=_one_blas_thread
+            )
+    return _pool
+
+
+def _one_blas_thread() -> None:
+    """Each worker is one core's worth: NumPy's own OpenBLAS must not spawn threads of its
+    own per call (they fight MLX's BLAS threads for the cores: 7x slower here)."""
+    setter = _numpy_openblas_local_threads()
+    if setter is not None:
+        setter(1)
+
+
+def _numpy_openblas_local_threads() -> Callable[[int], object] | None:
+    """`openblas_set_num_threads_local` of the OpenBLAS bundled in NumPy's wheel (>= 0.3.27),
+    or None where NumPy uses another BLAS (Accelerate, MKL) or an older OpenBLAS."""
+    libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "libscipy_openblas*.so*"))):
+        try:
+            return ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+    return None
