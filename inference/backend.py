@@ -1,7 +1,8 @@
 """What every generation backend speaks: requests in, streamed chunks out.
 
-The local MLX engine (engine.py) implements `GenerationBackend`; a remote OpenAI-compatible server
-can implement it later (scale-out), so the HTTP layer and `rag ask` depend on this file only.
+The local MLX engine (engine.py) implements `GenerationBackend`, and so does `rag.upstreams`'
+RemoteBackend (OpenAI-compatible upstreams: vLLM, SGLang, llama-server, another appliance), so the
+HTTP layer and `rag ask` depend on this file only.
 
     backend.apply_chat_template(messages) -> prompt ids
     backend.submit(GenerationRequest(prompt_ids, sampling, stop)) -> GenerationStream
@@ -44,6 +45,10 @@ class GenerationRequest:
     request_id: str = field(default_factory=make_request_id)
     ignore_eos: bool = False  # True: the model's EOS tokens do not stop it (benchmarks)
     generation_mode: GenerationMode = "auto"
+    # True: the consumer reads nothing until the last chunk (a non-streamed API answer), so a
+    # backend may discard what it generated and start the request over elsewhere (a remote
+    # backend whose upstream died mid-answer). Streamed requests leave it False.
+    restartable: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))

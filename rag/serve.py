@@ -1,7 +1,8 @@
 """`rag serve`: load the models once, then answer HTTP on 127.0.0.1:8000 until stopped.
 
 With `--upstream URL` (repeatable) generation goes to OpenAI-compatible servers instead of a
-local MLX engine (rag.upstreams); ingest, the index, embeddings and the RAG path stay here.
+local MLX engine (rag.upstreams); `--embedder-url` and `--reranker-url` do the same for query
+embeddings and rerank. Ingest, the index and the RAG path stay here.
 """
 
 from __future__ import annotations
@@ -118,9 +119,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = RouterConfig()
     group = parser.add_argument_group(
-        "remote generation",
-        "send generation to OpenAI-compatible servers (vLLM, SGLang, llama-server, another "
-        "rag serve) instead of loading a local chat model",
+        "remote models",
+        "send generation, query embeddings and rerank to OpenAI-compatible servers (vLLM, "
+        "SGLang, llama-server, TEI, another rag serve) instead of loading local models",
     )
     group.add_argument(
         "--upstream",
@@ -153,6 +154,19 @@ def _add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
         "--upstream-max-model-len",
         type=int,
         help="context length (default: what the upstreams report in /v1/models)",
+    )
+    group.add_argument(
+        "--embedder-url",
+        type=_upstream,
+        metavar="URL[,model=NAME][,key=KEY|,key_env=VAR]",
+        help="embed queries on this server's /v1/embeddings instead of --embedder; its model "
+        "must be the one the index was built with (checked at start-up)",
+    )
+    group.add_argument(
+        "--reranker-url",
+        type=_upstream,
+        metavar="URL[,model=NAME][,key=KEY|,key_env=VAR]",
+        help="rerank on this server's /v1/rerank instead of --reranker",
     )
 
 
@@ -204,6 +218,8 @@ def load_options_from(args: argparse.Namespace) -> LoadOptions:
             max_model_len=args.upstream_max_model_len,
         ),
         upstream_tokenizer=args.upstream_tokenizer,
+        embedder_url=args.embedder_url,
+        reranker_url=args.reranker_url,
     )
 
 

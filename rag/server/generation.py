@@ -3,6 +3,9 @@
     handle = start_generation(services, backend, request)   # raises APIError: 400 / 503
     async for chunk in follow(services, backend, handle): ...   # cancels if the caller leaves
 
+A GenerationError is a 500, unless it carries a `status_code`: a remote upstream's own 4xx is
+kept, and 503 says no upstream could take the request (rag.upstreams).
+
 `start_generation` runs before a route returns its StreamingResponse, so a bad request gets a
 4xx instead of a 200 with a broken stream. `follow` cancels the request in the engine when the
 consumer stops early (a client that disconnects frees its batch slot at the next step).
@@ -35,9 +38,18 @@ def start_generation(backend: GenerationBackend, request: GenerationRequest) -> 
     except EngineClosedError as exc:
         raise APIError(503, f"the model is shutting down: {exc}", code="unavailable") from exc
     except GenerationError as exc:
-        raise APIError(500, f"the model failed: {exc}") from exc
+        raise generation_failed(exc, "the model failed") from exc
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
+
+
+def generation_failed(exc: GenerationError, what: str) -> APIError:
+    """The backend's own status when it has one: an upstream's 4xx, 503 when none could serve."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and (400 <= status < 500 or status == 503):
+        code = "unavailable" if status == 503 else None
+        return APIError(status, f"{what}: {exc}", code=code)
+    return APIError(500, f"{what}: {exc}")
 
 
 async def follow(
@@ -56,7 +68,7 @@ async def follow(
             finished = chunk.finish_reason is not None
             yield chunk
     except GenerationError as exc:
-        raise APIError(500, f"the model failed while generating: {exc}") from exc
+        raise generation_failed(exc, "the model failed while generating") from exc
     finally:
         if not finished:
             stream.cancel()

@@ -9,6 +9,10 @@ With upstreams (`--upstream`), no local chat engine is loaded: one RemoteBackend
 routes generation to them, tokenizing with the chat model's local folder (or
 --upstream-tokenizer); its per-upstream metrics join /metrics.
 
+With `--embedder-url` / `--reranker-url`, queries are embedded and reranked by remote servers
+(rag.upstreams.embeddings, .rerank); a remote embedder whose model name or dimension differs
+from what the index records is refused here, before the server starts.
+
 A missing embedder is said once at start-up; the server still starts (chat-only is useful), and
 the routes that need it answer with a clear 4xx.
 """
@@ -31,12 +35,16 @@ from inference.model_pool import ModelPool, ModelSpec, PoolConfig, kv_bytes_per_
 from ingest.cli import load_embedder
 from ingest.config import default_db_path
 from ingest.errors import IngestError
+from ingest.protocols import TextEmbedder
+from ingest.store import SqliteVecStore
 from rag.reranking import Reranker
 from rag.server.reranker_choice import choose_reranker
 from rag.server.services import ModelRegistry, PooledModelRegistry, Services, StaticModelRegistry
 from rag.upstreams.backend import RemoteBackend, make_remote_backend
 from rag.upstreams.config import RouterConfig, UpstreamSpec
+from rag.upstreams.embeddings import RemoteEmbedder, connect_embedder
 from rag.upstreams.metrics import UpstreamCollector
+from rag.upstreams.rerank import connect_reranker
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,8 @@ class LoadOptions:
     upstreams: tuple[UpstreamSpec, ...] = ()  # non-empty: generation is remote, no local engine
     router: RouterConfig = field(default_factory=RouterConfig)
     upstream_tokenizer: Path | None = None  # None: the folder `model` resolves to
+    embedder_url: UpstreamSpec | None = None  # a remote /v1/embeddings instead of `embedder`
+    reranker_url: UpstreamSpec | None = None  # a remote /v1/rerank instead of `reranker`
 
 
 def model_cost_bytes(folder: Path, engine: EngineConfig) -> int:
@@ -107,20 +117,48 @@ def make_remote_registry(options: LoadOptions) -> StaticModelRegistry:
 
 def load_services(options: LoadOptions) -> Services:
     """Load the models (minutes for big ones); raises ModelNotFoundError for a missing chat model."""
+    index_path = (options.index_path or default_db_path()).expanduser()
+    embedder: TextEmbedder | None
+    if options.embedder_url is not None:
+        embedder = connect_embedder(options.embedder_url, options.router)
+        check_index_embedder(index_path, embedder)
+        log.info("embeddings: %s (%d dims) at %s", embedder.name, embedder.dim, embedder.url)
+    else:
+        try:
+            embedder = load_embedder(options.embedder)
+        except IngestError as exc:
+            log.warning("no embedding model: %s; /v1/embeddings and RAG are off", exc)
+            embedder = None
+    reranker: Reranker | None
+    if options.reranker_url is not None:
+        reranker = connect_reranker(options.reranker_url, options.router)
+        log.info("reranker: %s (%s) at %s", reranker.name, reranker.kind, options.reranker_url.url)
+    else:
+        reranker = choose_reranker(options.reranker, embedder)
+    # Last: the remote checks above refuse in seconds, before minutes of loading a chat model.
     models: ModelRegistry = (
         make_remote_registry(options) if options.upstreams else make_model_registry(options)
     )
-    try:
-        embedder = load_embedder(options.embedder)
-    except IngestError as exc:
-        log.warning("no embedding model: %s; /v1/embeddings and RAG are off", exc)
-        embedder = None
-    reranker: Reranker | None = choose_reranker(options.reranker, embedder)
-    index_path = (options.index_path or default_db_path()).expanduser()
     services = Services(models=models, embedder=embedder, reranker=reranker, index_path=index_path)
     if options.upstreams:
         register_upstream_metrics(services)
     return services
+
+
+def check_index_embedder(index_path: Path, embedder: RemoteEmbedder) -> None:
+    """ValueError unless the index (if there is one) was built with the remote's model and dim."""
+    if not index_path.exists():
+        return
+    with SqliteVecStore.open(index_path) as store:
+        identity = store.embedder_identity()
+    if identity is None or identity == (embedder.name, embedder.dim):
+        return
+    raise ValueError(
+        f"the index {index_path} was built with embedding model {identity[0]!r} "
+        f"({identity[1]} dims), but the remote embedder at {embedder.url} serves "
+        f"{embedder.name!r} ({embedder.dim} dims): point --embedder-url at a server of "
+        f"{identity[0]!r}, or re-ingest with `ingest --reembed`"
+    )
 
 
 def register_upstream_metrics(services: Services) -> None:

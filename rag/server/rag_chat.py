@@ -73,6 +73,7 @@ def _query(body: ChatCompletionRequest) -> RagQuery:
         temperature=body.temperature,
         rerank=options.rerank,
         min_similarity=options.min_similarity,
+        restartable=not body.stream,
     )
 
 

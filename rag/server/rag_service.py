@@ -13,7 +13,7 @@ RAG through `/v1/chat/completions` both call `answer_events`. Ignores: HTTP shap
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from inference.backend import GenerationBackend
 
@@ -55,6 +55,8 @@ class RagQuery:
     temperature: float | None = None
     rerank: bool = False
     min_similarity: float | None = None
+    # True for a non-streamed answer: its generation may start over on another upstream.
+    restartable: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -112,7 +114,8 @@ async def answer_events(services: Services, query: RagQuery) -> AsyncGenerator[A
             yield event
         return
     tracker = AnswerTracker(prepared)
-    stream = start_generation(backend, prepared.request)
+    request = replace(prepared.request, restartable=query.restartable)
+    stream = start_generation(backend, request)
     try:
         yield Sources(prepared.citations)
         async for chunk in follow(services, backend, stream):

@@ -119,6 +119,7 @@ def _generation_request(body: CreateMessageRequest, ids: list[int]) -> Generatio
             ),
             stop=StopParams(max_tokens=body.max_tokens, stop=tuple(body.stop_sequences or ())),
             generation_mode=body.generation_mode or "auto",
+            restartable=not body.stream,  # not streamed: nothing is shown before the end
         )
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc

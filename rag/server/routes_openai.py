@@ -95,6 +95,8 @@ def _submit(
                         stop=body.stop_params(max_tokens),
                         ignore_eos=bool(body.ignore_eos),
                         generation_mode=body.generation_mode or "auto",
+                        # Not streamed: nothing is shown before the end, so it may start over.
+                        restartable=not body.stream,
                     )
                 except ValueError as exc:
                     raise APIError(400, str(exc)) from exc

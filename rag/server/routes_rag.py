@@ -69,6 +69,7 @@ def _query(body: RagQueryBody) -> RagQuery:
         temperature=body.temperature,
         rerank=body.rerank,
         min_similarity=body.min_similarity,
+        restartable=not body.stream,
     )
 
 

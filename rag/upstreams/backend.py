@@ -24,7 +24,7 @@ from inference.engine_types import ContextLengthError, EngineLoad
 from rag.upstreams.client import fetch_model_card
 from rag.upstreams.config import RouterConfig, UpstreamSpec
 from rag.upstreams.pool import UpstreamPool, UpstreamStats
-from rag.upstreams.tokenizer import LocalTokenizer
+from rag.upstreams.tokenizer import LocalTokenizer, load_local_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def make_remote_backend(
     All upstreams must serve the same model (replicas): affinity only pays between copies of
     one model's prefix cache. Upstreams that are down at start-up are taken in when they answer.
     """
-    tokenizer = LocalTokenizer(tokenizer_folder)
+    tokenizer = load_local_tokenizer(tokenizer_folder)
     cards = [fetch_model_card(spec, config.connect_timeout_s) for spec in specs]
     names = {spec.model or (card or {}).get("id") for spec, card in zip(specs, cards, strict=True)}
     names.discard(None)

@@ -4,6 +4,8 @@
     rag_upstream_in_flight{model,upstream}            requests streaming from it now
     rag_upstream_requests_total{model,upstream}       attempts sent to it
     rag_upstream_failures_total{model,upstream}       failed attempts and failed health probes
+    rag_upstream_restarts_total{model,upstream}       non-streamed requests it failed mid-answer,
+                                                      started over on another upstream
 
 Registered on the server's registry by loading.py; kept here so the server's metrics.py needs
 no knowledge of upstreams.
@@ -42,10 +44,16 @@ class UpstreamCollector(Collector):
             "Attempts the upstream failed, and failed health probes",
             labels=labels,
         )
+        restarts = CounterMetricFamily(
+            "rag_upstream_restarts",
+            "Non-streamed requests the upstream failed mid-answer, started over elsewhere",
+            labels=labels,
+        )
         for model, stats in sorted(self.probe().items()):
             for s in stats:
                 up.add_metric([model, s.name], 1 if s.up else 0)
                 in_flight.add_metric([model, s.name], s.in_flight)
                 requests.add_metric([model, s.name], s.num_requests)
                 failures.add_metric([model, s.name], s.num_failures)
-        yield from (up, in_flight, requests, failures)
+                restarts.add_metric([model, s.name], s.num_restarts)
+        yield from (up, in_flight, requests, failures, restarts)

@@ -8,7 +8,9 @@ waits on an upstream and a `rag ask` thread can use it too:
                    each chunk -> handle.put (GenerationHandle wakes the consumer's loop)
         failure before the first token: take that upstream out, wait retry_backoff_s x 2^k,
                    attempt k+2 on the next upstream (ring order), up to max_attempts
-        failure after tokens: the stream ends with a GenerationError (its text can't be unsaid)
+        failure after tokens: the stream ends with a GenerationError (its text can't be unsaid),
+                   unless the request is restartable (non-streamed): its chunks are held until
+                   the end, so they are dropped and the request runs again on another upstream
         cancel: the task is cancelled, which closes the HTTP stream; ends with "cancelled"
     probe task: every upstream's /health when due (health.py decides when)
 
@@ -58,6 +60,7 @@ class UpstreamStats:
     num_requests: int  # attempts sent to it
     num_failures: int  # attempts it failed, and failed probes
     last_error: str | None
+    num_restarts: int = 0  # restartable requests it failed mid-answer, run again elsewhere
 
 
 @dataclass
@@ -67,6 +70,23 @@ class _Upstream:
     in_flight: int = 0
     num_requests: int = 0
     num_failures: int = 0
+    num_restarts: int = 0
+
+
+class _Progress:
+    """One request across its attempts: the current decoder and, if restartable, held chunks."""
+
+    def __init__(self, request: GenerationRequest, encode: Callable[[str], list[int]]) -> None:
+        self._request = request
+        self._encode = encode
+        self.held: list[GenerationChunk] = []
+        self.decoder = ChunkDecoder(request.request_id, len(request.prompt_ids), encode)
+
+    def start_over(self) -> None:
+        """Drop what an attempt produced (never shown: the chunks were held)."""
+        self.held = []
+        r = self._request
+        self.decoder = ChunkDecoder(r.request_id, len(r.prompt_ids), self._encode)
 
 
 class UpstreamPool:
@@ -159,6 +179,7 @@ class UpstreamPool:
                     u.num_requests,
                     u.num_failures,
                     u.health.last_error,
+                    u.num_restarts,
                 )
                 for name, u in sorted(self._upstreams.items())
             ]
@@ -166,11 +187,12 @@ class UpstreamPool:
     # -- on the loop -----------------------------------------------------------------------------
 
     async def _serve(self, request: GenerationRequest, handle: GenerationHandle) -> None:
-        decoder = ChunkDecoder(request.request_id, len(request.prompt_ids), self._encode)
+        progress = _Progress(request, self._encode)
         try:
-            await self._attempts(request, handle, decoder)
+            await self._attempts(request, handle, progress)
         except asyncio.CancelledError:
-            handle.put(GenerationChunk(request.request_id, "", (), decoder.usage, "cancelled"))
+            usage = progress.decoder.usage
+            handle.put(GenerationChunk(request.request_id, "", (), usage, "cancelled"))
         except GenerationError as exc:
             handle.fail(exc)
         except Exception as exc:  # a bug here must still end the consumer's stream
@@ -178,10 +200,12 @@ class UpstreamPool:
             handle.fail(GenerationError(f"{type(exc).__name__}: {exc}"))
 
     async def _attempts(
-        self, request: GenerationRequest, handle: GenerationHandle, decoder: ChunkDecoder
+        self, request: GenerationRequest, handle: GenerationHandle, progress: _Progress
     ) -> None:
-        body = completion_body(request, self.model, self.max_model_len)
+        body = completion_body(request, self.model, self.max_model_len)  # same seed every attempt
         key = prefix_key(request.prompt_ids, self.config.affinity_tokens)
+        # A restartable request's consumer sees nothing before the end: hold its chunks.
+        emit = (lambda c: progress.held.append(c)) if request.restartable else handle.put
         tried: list[str] = []
         errors: list[str] = []
         for attempt in range(self.config.max_attempts):
@@ -194,17 +218,29 @@ class UpstreamPool:
                 upstream.in_flight += 1
                 upstream.num_requests += 1
             try:
-                await upstream.client.stream(body, decoder, handle.put)
+                await upstream.client.stream(body, progress.decoder, emit)
+                for chunk in progress.held:
+                    handle.put(chunk)
                 return
             except UpstreamRequestError:
                 raise  # the request itself is refused: the same anywhere
             except UpstreamFailure as exc:
                 self._failed(upstream, str(exc))
-                if exc.num_tokens:
+                if exc.num_tokens and not request.restartable:
                     raise GenerationError(
                         f"{exc} (after {exc.num_tokens} tokens of this answer had been sent; "
                         "it cannot be resumed elsewhere)"
                     ) from exc
+                if exc.num_tokens:
+                    with self._lock:
+                        upstream.num_restarts += 1
+                    log.warning(
+                        "%s failed after %d tokens of %s; starting it over elsewhere",
+                        name,
+                        exc.num_tokens,
+                        request.request_id,
+                    )
+                    progress.start_over()
                 errors.append(str(exc))
                 log.warning("attempt %d of %s failed: %s", attempt + 1, request.request_id, exc)
             finally:

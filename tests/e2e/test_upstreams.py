@@ -50,13 +50,16 @@ ROUTER = RouterConfig(
 # Text the tiny tokenizer knows, so a few hundred characters are a few hundred tokens.
 WORDS = "The capital of France is Paris. SQLite stores the index; MLX runs the models. "
 COMPLETIONS = "/v1/completions"
+IGNORE_EOS = {"ignore_eos": True}
+LONG = 800  # tokens of a long answer: far more than the upstream's grace lets it finish
 
 
 class Upstream:
     """One of our servers on a fixed port, which a test can stop (gracefully) and start again."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, grace_s: float = 0.25) -> None:
         self.services = services
+        self.grace_s = grace_s
         self.app = create_app(services)
         self.port = 0
         self._server: uvicorn.Server | None = None
@@ -75,9 +78,9 @@ class Upstream:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
-        # A second of grace: short requests finish, a long stream is cut (a dying upstream).
+        # A short grace: answers still running after it are cut mid-way (a dying upstream).
         config = uvicorn.Config(
-            self.app, log_level="warning", timeout_graceful_shutdown=1, lifespan="off"
+            self.app, log_level="warning", timeout_graceful_shutdown=self.grace_s, lifespan="off"
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -128,6 +131,14 @@ class Cluster:
 
     def upstream_up(self, upstream: Upstream) -> float:
         return metric(self.base_url, "rag_upstream_up", upstream=upstream.name)
+
+    def restarts(self, upstream: Upstream) -> float:
+        return metric(self.base_url, "rag_upstream_restarts_total", upstream=upstream.name)
+
+
+def running(upstream: Upstream) -> float:
+    """Requests the upstream's engine is generating now."""
+    return metric(upstream.url, "rag_generation_requests", model=TINY_MODEL, state="running")
 
 
 def write_index(root: Path, tiny_bert_path: Path) -> Path:
@@ -286,35 +297,50 @@ def test_an_upstream_dies_and_rejoins(cluster: Cluster) -> None:
         cluster.backend.tokenizer_folder,
     )
     # 1. A long stream, and which upstream serves it.
+    story = [{"role": "user", "content": "Tell a long story."}]
     stream = cluster.client.chat.completions.create(
-        model=TINY_MODEL,
-        messages=[{"role": "user", "content": "Tell a long story."}],
-        max_tokens=1800,
-        stream=True,
-        extra_body={"ignore_eos": True},
+        model=TINY_MODEL, messages=story, max_tokens=1800, stream=True, extra_body=IGNORE_EOS
     )
     events = iter(stream)
     for _ in range(5):
         next(events)
-    busy = [
-        u
-        for u in cluster.upstreams
-        if metric(u.url, "rag_generation_requests", model=TINY_MODEL, state="running")
-    ]
+    busy = [u for u in cluster.upstreams if running(u)]
     assert len(busy) == 1
     victim = busy[0]
     survivor = next(u for u in cluster.upstreams if u is not victim)
+    restarts = cluster.restarts(victim)
 
-    # 2. Non-streamed requests over many prefixes, while the victim goes down.
+    # 2. Two long non-streamed answers with the stream's prompt (so on the victim, by affinity),
+    # mid-answer when it dies; short ones over many prefixes before and after.
+    def long_chat() -> tuple[int, str | None]:
+        reply = cluster.client.chat.completions.create(
+            model=TINY_MODEL, messages=story, max_tokens=LONG, extra_body=IGNORE_EOS
+        )
+        return (reply.usage.completion_tokens if reply.usage else 0), reply.choices[0].finish_reason
+
+    def long_completion() -> tuple[int, str | None]:
+        prompt = cluster.backend.apply_chat_template(story)
+        reply = cluster.client.completions.create(
+            model=TINY_MODEL, prompt=prompt, max_tokens=LONG, extra_body=IGNORE_EOS
+        )
+        return (reply.usage.completion_tokens if reply.usage else 0), reply.choices[0].finish_reason
+
     def ask(i: int) -> int:
         reply = chat(cluster, f"Outage {i}. " + WORDS * 4, "Still there?", max_tokens=3)
         return reply.usage.completion_tokens if reply.usage else 0
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = [pool.submit(ask, i) for i in range(8)]
-        victim.stop()  # refuses new connections at once; the stream is cut after 1 s of grace
-        results += [pool.submit(ask, i) for i in range(8, 24)]
-        assert [r.result() for r in results] == [3] * 24  # none failed
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        long_ones = [pool.submit(long_chat), pool.submit(long_completion)]
+        assert wait_for(lambda: running(victim) == 3, 10)  # the stream and both long answers
+        # One batch decodes all three: 20 more stream tokens mean 20 decode steps of each answer.
+        for _ in range(20):
+            next(events)
+        short = [pool.submit(ask, i) for i in range(8)]
+        victim.stop()  # refuses new connections at once; answers still running are cut
+        short += [pool.submit(ask, i) for i in range(8, 24)]
+        assert [r.result() for r in long_ones] == [(LONG, "length")] * 2  # whole, from the survivor
+        assert [r.result() for r in short] == [3] * 24  # no non-streamed request failed
+    assert cluster.restarts(victim) - restarts >= 2  # both long answers were cut mid-way
 
     # 3. The stream on the victim ends with an error event, not a silent cut.
     with pytest.raises(openai.APIError, match=r"upstream .* tokens of this answer had been sent"):

@@ -43,6 +43,22 @@ def test_upstream_flags_become_load_options(tmp_path: Path) -> None:
 def test_no_upstream_means_the_local_engine() -> None:
     options = load_options_from(build_parser().parse_args(["serve"]))
     assert options.upstreams == () and options.router == RouterConfig()
+    assert options.embedder_url is None and options.reranker_url is None
+
+
+def test_embedder_and_reranker_urls_become_load_options() -> None:
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--embedder-url",
+            "http://10.0.0.3:8000/v1,model=bge-small",
+            "--reranker-url",
+            "https://rerank.example:443,key=sk-r",
+        ]
+    )
+    options = load_options_from(args)
+    assert options.embedder_url == UpstreamSpec("http://10.0.0.3:8000", "bge-small")
+    assert options.reranker_url == UpstreamSpec("https://rerank.example:443", api_key="sk-r")
 
 
 def test_a_bad_upstream_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,9 @@ from inference.stopping import StopParams
 
 import pytest
 
-from rag.upstreams.tokenizer import LocalTokenizer
+from rag.upstreams.backend import make_remote_backend
+from rag.upstreams.config import RouterConfig, UpstreamSpec
+from rag.upstreams.tokenizer import load_local_tokenizer
 from rag.upstreams.wire import ChunkDecoder, UpstreamStreamError, completion_body, sse_payload
 
 
@@ -129,8 +131,11 @@ def test_a_stream_cut_before_its_finish_is_an_error() -> None:
         decoder.finish()
 
 
-def test_local_tokenizer_matches_the_engine(tiny_llama_path: Path) -> None:
-    local = LocalTokenizer(tiny_llama_path)
+def test_remote_backend_tokenizes_as_the_engine(tiny_llama_path: Path) -> None:
+    # mlx-lm's tokenizer wrapper on both sides (inference.chat_tokenizer): same ids, same EOS.
+    local = load_local_tokenizer(tiny_llama_path)
+    spec = UpstreamSpec("http://127.0.0.1:9", "m")  # never asked: tokenizing is local
+    remote = make_remote_backend([spec], RouterConfig(health_interval_s=60), tiny_llama_path)
     engine = Engine.from_path(tiny_llama_path)
     try:
         messages = [
@@ -138,19 +143,20 @@ def test_local_tokenizer_matches_the_engine(tiny_llama_path: Path) -> None:
             {"role": "user", "content": "The capital of France? café 日本語 🙂"},
         ]
         for prompt in (True, False):
-            assert local.apply_chat_template(
-                messages, add_generation_prompt=prompt
-            ) == engine.apply_chat_template(messages, add_generation_prompt=prompt)
+            expected = engine.apply_chat_template(messages, add_generation_prompt=prompt)
+            assert remote.apply_chat_template(messages, add_generation_prompt=prompt) == expected
         text = "Numbers like 12345, naïve 日本語"
-        assert local.encode(text) == engine.encode(text)
-        assert local.count_tokens(text) == engine.count_tokens(text)
+        assert remote.encode(text) == engine.encode(text)
+        assert remote.count_tokens(text) == engine.count_tokens(text)
         ids = engine.apply_chat_template(messages)
-        assert local.decode(ids) == engine.decode(ids)
-        assert local.context_length() == engine.max_model_len == 2048
+        assert remote.decode(ids) == engine.decode(ids)
+        assert remote.max_model_len == engine.max_model_len == 2048
+        assert local.eos_token_ids == tuple(sorted(engine.eos_token_ids))
     finally:
         engine.close()
+        remote.close()
 
 
 def test_local_tokenizer_refuses_a_folder_without_one(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has no tokenizer"):
-        LocalTokenizer(tmp_path)
+        load_local_tokenizer(tmp_path)
