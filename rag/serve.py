@@ -87,6 +87,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="where SSD blocks live (default: $RAG_DATA_DIR/kv-cache)",
     )
     parser.add_argument(
+        "--mtp",
+        choices=MTP_MODES,
+        default="auto",
+        help="speculative decoding with the model's draft head for a lone user: auto (the depth "
+        "`rag tune` chose, else adaptive), adaptive, a fixed depth 1-3, or off (default: auto)",
+    )
+    parser.add_argument(
+        "--mtp-max-requests",
+        type=int,
+        default=defaults.mtp_max_requests,
+        help="the MTP lane runs while the engine holds at most this many requests "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--memory-limit-gb",
         type=float,
         help="chat models loaded at once must fit in this (default: RAM minus 8 GB)",
@@ -184,6 +198,18 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     )
 
 
+MTP_MODES = ("auto", "adaptive", "off", "1", "2", "3")
+
+
+def _mtp_settings(mode: str) -> dict[str, object]:
+    """--mtp as EngineConfig fields: on/off, a fixed depth, and whether `rag tune` may choose."""
+    if mode == "off":
+        return {"mtp": False}
+    if mode in ("auto", "adaptive"):
+        return {"mtp": True, "mtp_depth": None, "mtp_tuned": mode == "auto"}
+    return {"mtp": True, "mtp_depth": int(mode), "mtp_tuned": False}
+
+
 def load_options_from(args: argparse.Namespace) -> LoadOptions:
     """The parsed flags as what loading.py loads; ValueError for values out of range."""
     from rag.server.loading import LoadOptions
@@ -196,6 +222,8 @@ def load_options_from(args: argparse.Namespace) -> LoadOptions:
         prefix_cache_ssd_bytes=int(args.prefix_cache_ssd_gb * GiB),
         prefix_cache_block_size=args.prefix_cache_block_size,
         prefix_cache_dir=args.prefix_cache_dir,
+        mtp_max_requests=args.mtp_max_requests,
+        **_mtp_settings(args.mtp),
     )
     pool = PoolConfig(
         memory_limit_bytes=None
