@@ -176,6 +176,7 @@ class Engine:
         self._on_step = on_step
         self._states: dict[str, RequestState] = {}  # engine thread only, parked ones included
         self._num_steps = 0
+        self._last_done: float | None = None  # when the last step completed
 
         self._inbox: list[tuple[GenerationRequest, GenerationHandle]] = []
         self._cancelled: set[str] = set()
@@ -383,7 +384,9 @@ class Engine:
         in_flight: _InFlight | None = None
         try:
             while self._take_inbox(wait=in_flight is None):
-                if in_flight is not None and (in_flight.has_first_token or in_flight.lane_open):
+                if in_flight is not None and (
+                    in_flight.has_first_token or self._lane_needs_tokens(in_flight)
+                ):
                     # Time to first token (module docstring); a lane step's tokens pick the
                     # next drafts.
                     self._complete(in_flight)
@@ -490,8 +493,8 @@ class Engine:
             return None
         lane = self._mtp
         lane_open = lane is not None and lane.is_open(len(self._states))
+        started = time.perf_counter()  # a cycle's cost includes its drafting
         drafted = self._draft() if lane_open else {}
-        started = time.perf_counter()
         step = self._scheduler.schedule()
         verified = {
             item.request_id: item.num_lookahead_tokens
@@ -550,6 +553,19 @@ class Engine:
         return _InFlight(
             step, out, started, stored_keys=stored_keys, lane_open=lane_open, verified=verified
         )
+
+    def _lane_needs_tokens(self, in_flight: _InFlight) -> bool:
+        """Whether the next launch must wait for this step's tokens: its verdicts, or tokens the
+        next drafts start from. Plain steps the lane will not draft after run ahead (pipelined),
+        as in the batch, so plain decoding in the lane costs what it costs outside."""
+        lane = self._mtp
+        if lane is None or not in_flight.lane_open:
+            return False
+        if in_flight.verified:
+            return True
+        if not any(lane.allows(state) for state in in_flight.states or ()):
+            return False  # e.g. generation_mode "ar": never drafts
+        return not lane.plain_ahead()
 
     def _draft(self) -> dict[str, int]:
         """Before scheduling: lane requests that are decoding draft, and ask for a verify chunk."""
@@ -681,11 +697,13 @@ class Engine:
         for handle, chunk in chunks:
             handle.put(chunk)
 
+        now = time.perf_counter()
         if self._mtp is not None and done.lane_open and len(done.step.items) == 1:
-            # A lone request's step, not overlapped: its cost by width prices the drafts.
-            self._mtp.observe_step(
-                done.step.items[0].num_tokens, time.perf_counter() - done.started
-            )
+            # A lone request's period by width prices the drafts: completion to completion
+            # when pipelined (it launched before the last one completed), else launch to done.
+            since = done.started if self._last_done is None else max(self._last_done, done.started)
+            self._mtp.observe_step(done.step.items[0].num_tokens, now - since)
+        self._last_done = now
         self._num_steps += 1
         if self._num_steps % CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()

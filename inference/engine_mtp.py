@@ -19,6 +19,9 @@ token, in either lane, is an exact sample of the model given the tokens before i
 `DepthPolicy` picks D per step: a fixed depth as configured (`rag tune` measures which), or
 adaptively from measured acceptance and measured step costs (the expected tokens per second of
 D = 0..max), so speculation that does not pay falls back to plain decoding, probing now and then.
+Costs are periods, completion to completion, so they compare what the request would really get:
+a cycle waits for its verdict before the next draft, while plain steps run ahead of their tokens
+(pipelined, as in the batch). `plain_ahead` lets the engine pipeline the steps it will not draft.
 
 Ignores: scheduling, stop conditions and delivery (engine.py), and how heads are made (mtp_head.py).
 """
@@ -49,6 +52,7 @@ import numpy as np
 
 MAX_PENDING = 512  # pairs waiting for the head; past this the head restarts from the newest
 PROBE_EVERY = 32  # plain steps between probes of depth 1 when speculation did not pay
+YARDSTICK_STEPS = 4  # pipelined plain steps timed before the first draft: the cost to beat
 _DECAY = 0.97  # per observation: acceptance and costs follow the recent text and load
 _PRIOR = (1.0, 2.0)  # pseudo-counts (accepted, reached): an untried depth looks 50% likely
 
@@ -65,9 +69,10 @@ class DepthPolicy:
         self.fixed_depth = fixed_depth
         self._accepted = [_PRIOR[0]] * max_depth  # draft j stood ...
         self._reached = [_PRIOR[1]] * max_depth  # ... of cycles that verified draft j
-        self._step_s: dict[int, float] = {}  # tokens in a lone step -> seconds (EMA)
+        self._step_s: dict[int, float] = {}  # tokens in a lone step -> its period, s (EMA)
         self._head_s: float | None = None  # one head step (EMA)
         self._plain_streak = 0
+        self._plain_timed = 0  # plain periods observed
 
     def observe_cycle(self, depth: int, num_accepted: int) -> None:
         for j in range(self.max_depth):
@@ -78,7 +83,9 @@ class DepthPolicy:
             self._accepted[j] += j < num_accepted
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """A lone step's period: completion of the step before to its own, drafting included."""
         self._step_s[num_tokens] = _ema(self._step_s.get(num_tokens), seconds)
+        self._plain_timed += num_tokens == 1
 
     def observe_head(self, num_steps: int, seconds: float) -> None:
         if num_steps:
@@ -97,10 +104,24 @@ class DepthPolicy:
         for rate in self.acceptance()[:depth]:
             reach *= rate
             tokens += reach
-        # An untimed verify width is assumed cheap, so it gets tried and timed.
-        step = self._step_s.get(depth + 1, plain * (1 + 0.05 * depth))
-        head = (self._head_s if self._head_s is not None else 0.05 * plain) * depth
-        return tokens / (step + head)
+        period = self._step_s.get(depth + 1)
+        if period is None:  # untimed: assumed cheap, so it gets tried and timed
+            head = (self._head_s if self._head_s is not None else 0.05 * plain) * depth
+            period = plain * (1 + 0.05 * depth) + head
+        return tokens / period
+
+    def plain_ahead(self) -> bool:
+        """The next step will not draft, so it may be launched before this one's tokens are
+        known (pipelined): while the yardstick is timed, and while plain decoding wins between
+        probes. A True counts toward the next probe."""
+        if self.fixed_depth is not None:
+            return False
+        if self._plain_timed < YARDSTICK_STEPS:
+            return True
+        if self._best_depth(self.max_depth) or self._plain_streak + 1 >= PROBE_EVERY:
+            return False
+        self._plain_streak += 1
+        return True
 
     def choose(self, room: int) -> int:
         """The depth of the next step (0: plain); room = tokens the request may still produce.
@@ -112,11 +133,7 @@ class DepthPolicy:
             return limit
         if self._step_s.get(1) is None:
             return 0  # time a plain step first: it is the yardstick
-        best, best_rate = 0, self.expected_rate(0) or 0.0
-        for depth in range(1, limit + 1):
-            rate = self.expected_rate(depth) or 0.0
-            if rate > best_rate:
-                best, best_rate = depth, rate
+        best = self._best_depth(limit)
         if best == 0:
             self._plain_streak += 1
             if self._plain_streak >= PROBE_EVERY:  # conditions change: look again
@@ -124,6 +141,14 @@ class DepthPolicy:
                 return 1
         else:
             self._plain_streak = 0
+        return best
+
+    def _best_depth(self, limit: int) -> int:
+        best, best_rate = 0, self.expected_rate(0) or 0.0
+        for depth in range(1, limit + 1):
+            rate = self.expected_rate(depth) or 0.0
+            if rate > best_rate:
+                best, best_rate = depth, rate
         return best
 
 
@@ -373,6 +398,9 @@ class MTPLane:
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.policy.observe_step(num_tokens, seconds)
+
+    def plain_ahead(self) -> bool:
+        return self.policy.plain_ahead()
 
     def choose_depth(self, state: RequestState) -> int:
         room = state.stop.params.max_tokens - len(state.output_ids)  # type: ignore[operator]

@@ -17,7 +17,7 @@ from pathlib import Path
 import inference  # noqa: F401  (loads the BLAS before mlx)
 from inference.backend import GenerationChunk, GenerationRequest
 from inference.engine import Engine, EngineConfig, StepRecord
-from inference.engine_mtp import DepthPolicy, verify_rows
+from inference.engine_mtp import PROBE_EVERY, YARDSTICK_STEPS, DepthPolicy, verify_rows
 from inference.sampling import SamplingParams
 from inference.stopping import StopParams
 
@@ -116,6 +116,19 @@ def test_adaptive_depth_keeps_greedy_output(make_engine) -> None:
         assert got == expected
         assert last.speculation is not None
         assert last.speculation.mtp_tokens + last.speculation.batch_tokens == 40
+
+
+def test_adaptive_lane_with_a_losing_head_keeps_greedy_output(make_engine) -> None:
+    """A random head's drafts fail: the policy falls back to plain steps that run ahead
+    (pipelined) and probes now and then; every switch keeps the output token for token."""
+    want = plain_outputs(make_engine, 80)
+    engine = make_engine(head="random", mtp_depth=None)
+    for prompt_ids, expected in zip(PROMPTS, want, strict=True):
+        got, last = run(engine, request(prompt_ids, 80))
+        assert got == expected
+        assert last.speculation is not None
+    lane = engine.mtp_lane
+    assert lane is not None and lane.policy.acceptance()[0] < 0.5  # it did probe, and learnt
 
 
 def test_rejections_roll_back_exactly(make_engine) -> None:
@@ -236,6 +249,24 @@ def test_depth_policy_falls_back_when_speculation_does_not_pay() -> None:
         policy.observe_cycle(1, 0)
     choices = [policy.choose(room=50) for _ in range(64)]
     assert choices.count(0) >= 60 and 1 in choices
+
+
+def test_plain_steps_run_ahead_between_probes() -> None:
+    """The policy tells the engine when the next step will not draft (so it may pipeline):
+    while the plain yardstick is timed, then while plain decoding wins, up to each probe."""
+    policy = DepthPolicy(2)
+    assert [policy.plain_ahead() for _ in range(YARDSTICK_STEPS)] == [True] * YARDSTICK_STEPS
+    for _ in range(YARDSTICK_STEPS):
+        policy.observe_step(1, 0.010)
+    assert not policy.plain_ahead()  # untimed depths look cheap: try them
+    for width in (2, 3):
+        policy.observe_step(width, 0.040)  # a cycle costs 4 plain steps: drafts cannot pay
+    for _ in range(100):
+        policy.observe_cycle(2, 2)
+    ahead = [policy.plain_ahead() for _ in range(PROBE_EVERY)]
+    assert ahead == [True] * (PROBE_EVERY - 1) + [False]  # then it waits for tokens: a probe
+    assert policy.choose(room=50) == 1
+    assert not DepthPolicy(2, fixed_depth=1).plain_ahead()
 
 
 def test_fixed_depth_is_used_as_configured() -> None:
