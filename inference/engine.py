@@ -114,6 +114,7 @@ class _InFlight:
     stored_keys: list[str] = field(default_factory=list)  # prefix blocks the step computed
     has_first_token: bool = False  # some request samples its first token
     lane_open: bool = False  # the MTP lane ran this step: complete it before the next launch
+    ran_ahead: bool = False  # launched before the step before it completed (pipelined)
     verified: dict[str, int] = field(default_factory=dict)  # request -> drafts it verifies
     committed: dict[str, tuple[int, ...]] = field(default_factory=dict)  # its verdict's tokens
 
@@ -393,6 +394,8 @@ class Engine:
                     in_flight = None
                 # 2-3. Schedule and launch the next step; it computes while ...
                 launched = self._launch()
+                if launched is not None:
+                    launched.ran_ahead = in_flight is not None
                 # 5-6. ... the step before is stopped, detokenized and delivered.
                 if in_flight is not None:
                     self._complete(in_flight)
@@ -699,10 +702,15 @@ class Engine:
 
         now = time.perf_counter()
         if self._mtp is not None and done.lane_open and len(done.step.items) == 1:
-            # A lone request's period by width prices the drafts: completion to completion
-            # when pipelined (it launched before the last one completed), else launch to done.
-            since = done.started if self._last_done is None else max(self._last_done, done.started)
-            self._mtp.observe_step(done.step.items[0].num_tokens, now - since)
+            # A lone request's period by width prices the drafts: a cycle's from its launch
+            # (drafting included) to its verdict; a plain step's only when it ran ahead, as
+            # plain decoding does: from the completion before it to its own.
+            width = done.step.items[0].num_tokens
+            if width > 1 or (done.ran_ahead and self._last_done is not None):
+                since = (
+                    done.started if self._last_done is None else max(self._last_done, done.started)
+                )
+                self._mtp.observe_step(width, now - since)
         self._last_done = now
         self._num_steps += 1
         if self._num_steps % CLEAR_CACHE_EVERY == 0:

@@ -70,7 +70,9 @@ class DepthPolicy:
         self._accepted = [_PRIOR[0]] * max_depth  # draft j stood ...
         self._reached = [_PRIOR[1]] * max_depth  # ... of cycles that verified draft j
         self._step_s: dict[int, float] = {}  # tokens in a lone step -> its period, s (EMA)
+        self._step_n: dict[int, int] = {}  # observations per width
         self._head_s: float | None = None  # one head step (EMA)
+        self._head_n = 0
         self._plain_streak = 0
         self._plain_timed = 0  # plain periods observed
 
@@ -84,12 +86,14 @@ class DepthPolicy:
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """A lone step's period: completion of the step before to its own, drafting included."""
-        self._step_s[num_tokens] = _ema(self._step_s.get(num_tokens), seconds)
+        count = self._step_n[num_tokens] = self._step_n.get(num_tokens, 0) + 1
+        self._step_s[num_tokens] = _ema(self._step_s.get(num_tokens), seconds, count)
         self._plain_timed += num_tokens == 1
 
     def observe_head(self, num_steps: int, seconds: float) -> None:
         if num_steps:
-            self._head_s = _ema(self._head_s, seconds / num_steps)
+            self._head_n += 1
+            self._head_s = _ema(self._head_s, seconds / num_steps, self._head_n)
 
     def acceptance(self) -> list[float]:
         """Estimated P(draft j stands | draft j - 1 stood), j = 1..max_depth."""
@@ -152,8 +156,13 @@ class DepthPolicy:
         return best
 
 
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else _DECAY * old + (1 - _DECAY) * new
+def _ema(old: float | None, new: float, count: int) -> float:
+    """A running mean over the first observations (the first one, often a warm-up, does not
+    linger), then an exponential average that follows the recent ones."""
+    if old is None:
+        return new
+    weight = max(1 - _DECAY, 1 / count)
+    return old + weight * (new - old)
 
 
 @dataclass

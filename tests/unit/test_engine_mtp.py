@@ -269,6 +269,15 @@ def test_plain_steps_run_ahead_between_probes() -> None:
     assert not DepthPolicy(2, fixed_depth=1).plain_ahead()
 
 
+def test_a_slow_first_step_does_not_linger_in_the_costs() -> None:
+    """A first timing (a warm-up, a compile) is averaged away, not kept at 97% weight."""
+    policy = DepthPolicy(1)
+    policy.observe_step(1, 1.0)
+    for _ in range(20):
+        policy.observe_step(1, 0.010)
+    assert policy.expected_rate(0) > 1 / 0.07
+
+
 def test_fixed_depth_is_used_as_configured() -> None:
     policy = DepthPolicy(3, fixed_depth=2)
     assert policy.choose(room=50) == 2
