@@ -87,13 +87,16 @@ class DepthPolicy:
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """A lone step's period: completion of the step before to its own, drafting included."""
         count = self._step_n[num_tokens] = self._step_n.get(num_tokens, 0) + 1
-        self._step_s[num_tokens] = _ema(self._step_s.get(num_tokens), seconds, count)
+        if count == 1:
+            return  # the first at a width pays one-off costs: lazy loads, kernel compiles
+        self._step_s[num_tokens] = _ema(self._step_s.get(num_tokens), seconds, count - 1)
         self._plain_timed += num_tokens == 1
 
     def observe_head(self, num_steps: int, seconds: float) -> None:
         if num_steps:
             self._head_n += 1
-            self._head_s = _ema(self._head_s, seconds / num_steps, self._head_n)
+            if self._head_n > 1:  # the first call pays one-off costs, as above
+                self._head_s = _ema(self._head_s, seconds / num_steps, self._head_n - 1)
 
     def acceptance(self) -> list[float]:
         """Estimated P(draft j stands | draft j - 1 stood), j = 1..max_depth."""

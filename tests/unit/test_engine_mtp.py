@@ -237,10 +237,11 @@ def test_prefix_cache_hit_then_lane(make_engine) -> None:
 def test_depth_policy_falls_back_when_speculation_does_not_pay() -> None:
     policy = DepthPolicy(3)
     assert policy.choose(room=50) == 0  # no plain step timed yet
-    policy.observe_step(1, 0.100)
-    for width in (2, 3, 4):
-        policy.observe_step(width, 0.100 + 0.02 * width)
-    policy.observe_head(1, 0.005)
+    for _ in range(2):  # the first timing at each width is a warm-up, not kept
+        policy.observe_step(1, 0.100)
+        for width in (2, 3, 4):
+            policy.observe_step(width, 0.100 + 0.02 * width)
+        policy.observe_head(1, 0.005)
     for _ in range(200):  # drafts always stand: deepest is best
         policy.observe_cycle(3, 3)
     assert policy.choose(room=50) == 3
@@ -256,10 +257,10 @@ def test_plain_steps_run_ahead_between_probes() -> None:
     while the plain yardstick is timed, then while plain decoding wins, up to each probe."""
     policy = DepthPolicy(2)
     assert [policy.plain_ahead() for _ in range(YARDSTICK_STEPS)] == [True] * YARDSTICK_STEPS
-    for _ in range(YARDSTICK_STEPS):
+    for _ in range(YARDSTICK_STEPS + 1):  # the first is a warm-up
         policy.observe_step(1, 0.010)
     assert not policy.plain_ahead()  # untimed depths look cheap: try them
-    for width in (2, 3):
+    for width in (2, 3, 2, 3):
         policy.observe_step(width, 0.040)  # a cycle costs 4 plain steps: drafts cannot pay
     for _ in range(100):
         policy.observe_cycle(2, 2)
@@ -272,6 +273,7 @@ def test_plain_steps_run_ahead_between_probes() -> None:
 def test_a_slow_first_step_does_not_linger_in_the_costs() -> None:
     """A first timing (a warm-up, a compile) is averaged away, not kept at 97% weight."""
     policy = DepthPolicy(1)
+    policy.observe_step(1, 5.0)  # the very first at a width is not kept at all
     policy.observe_step(1, 1.0)
     for _ in range(20):
         policy.observe_step(1, 0.010)
