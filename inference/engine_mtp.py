@@ -51,7 +51,10 @@ import mlx.nn as nn
 import numpy as np
 
 MAX_PENDING = 512  # pairs waiting for the head; past this the head restarts from the newest
-PROBE_EVERY = 32  # plain steps between probes of depth 1 when speculation did not pay
+# Plain steps between probes of depth 1 while speculation does not pay: FIRST_PROBE after it
+# last paid, doubling up to PROBE_EVERY (early estimates rest on few cycles; later ones on many).
+FIRST_PROBE = 4
+PROBE_EVERY = 32
 YARDSTICK_STEPS = 4  # pipelined plain steps timed before the first draft: the cost to beat
 _DECAY = 0.97  # per observation: acceptance and costs follow the recent text and load
 _PRIOR = (1.0, 2.0)  # pseudo-counts (accepted, reached): an untried depth looks 50% likely
@@ -74,6 +77,7 @@ class DepthPolicy:
         self._head_s: float | None = None  # one head step (EMA)
         self._head_n = 0
         self._plain_streak = 0
+        self._probe_interval = FIRST_PROBE
         self._plain_timed = 0  # plain periods observed
 
     def observe_cycle(self, depth: int, num_accepted: int) -> None:
@@ -125,7 +129,7 @@ class DepthPolicy:
             return False
         if self._plain_timed < YARDSTICK_STEPS:
             return True
-        if self._best_depth(self.max_depth) or self._plain_streak + 1 >= PROBE_EVERY:
+        if self._best_depth(self.max_depth) or self._plain_streak + 1 >= self._probe_interval:
             return False
         self._plain_streak += 1
         return True
@@ -143,11 +147,13 @@ class DepthPolicy:
         best = self._best_depth(limit)
         if best == 0:
             self._plain_streak += 1
-            if self._plain_streak >= PROBE_EVERY:  # conditions change: look again
+            if self._plain_streak >= self._probe_interval:  # conditions change: look again
                 self._plain_streak = 0
+                self._probe_interval = min(2 * self._probe_interval, PROBE_EVERY)
                 return 1
         else:
             self._plain_streak = 0
+            self._probe_interval = FIRST_PROBE
         return best
 
     def _best_depth(self, limit: int) -> int:

@@ -17,7 +17,13 @@ from pathlib import Path
 import inference  # noqa: F401  (loads the BLAS before mlx)
 from inference.backend import GenerationChunk, GenerationRequest
 from inference.engine import Engine, EngineConfig, StepRecord
-from inference.engine_mtp import PROBE_EVERY, YARDSTICK_STEPS, DepthPolicy, verify_rows
+from inference.engine_mtp import (
+    FIRST_PROBE,
+    PROBE_EVERY,
+    YARDSTICK_STEPS,
+    DepthPolicy,
+    verify_rows,
+)
 from inference.sampling import SamplingParams
 from inference.stopping import StopParams
 
@@ -264,9 +270,15 @@ def test_plain_steps_run_ahead_between_probes() -> None:
         policy.observe_step(width, 0.040)  # a cycle costs 4 plain steps: drafts cannot pay
     for _ in range(100):
         policy.observe_cycle(2, 2)
-    ahead = [policy.plain_ahead() for _ in range(PROBE_EVERY)]
-    assert ahead == [True] * (PROBE_EVERY - 1) + [False]  # then it waits for tokens: a probe
-    assert policy.choose(room=50) == 1
+    gaps = []  # plain steps run ahead between probes: few at first, then up to PROBE_EVERY
+    for _ in range(6):
+        ahead = 0
+        while policy.plain_ahead():
+            ahead += 1
+        assert policy.choose(room=50) == 1  # it waits for tokens, then probes depth 1
+        policy.observe_cycle(1, 0)
+        gaps.append(ahead + 1)
+    assert gaps == [FIRST_PROBE, 2 * FIRST_PROBE, 4 * FIRST_PROBE] + [PROBE_EVERY] * 3
     assert not DepthPolicy(2, fixed_depth=1).plain_ahead()
 
 
