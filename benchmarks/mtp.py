@@ -12,7 +12,9 @@ on a shared machine hits all of them.
 Then the lane as served (`--section engine`): the batching engine with its MTP lane routed by
 load (adaptive depth, and fixed D1..D3 at batch 1) against the same engine with the lane off, at
 1, 4 and 16 concurrent streams (`mtp_engine` lines: decode tok/s per stream, aggregate tok/s,
-the share of tokens the lane committed and the acceptance). Seeded T=0.6 requests ask for
+the share of tokens the lane committed and the acceptance). One engine per mode serves every
+round, as a server does, so the adaptive policy keeps what earlier rounds measured (the first
+round warms up). Seeded T=0.6 requests ask for
 generation_mode "mtp" (in "auto" a seeded sampled request keeps plain decoding). Per mode and setting one JSON line: time to first token
 (prefill), decode tok/s after the first token (p50 and p99 over repeats), ratio to `ar`, and for
 the lane the acceptance per depth and tokens per cycle. Then one line of pass costs: a trunk
@@ -35,6 +37,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import inference  # noqa: F401  (loads the BLAS before mlx)
@@ -244,13 +247,27 @@ def run_engine_section(model, tokenizer, head: MTPHead, prompt_text: str, common
         modes = list(ENGINE_MODES) if concurrency == 1 else ["batch", "lane_auto"]
         for setting, params in SETTINGS.items():
             rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
-            for repeat in range(args.repeats + 1):  # repeat 0 warms up (and times the policy)
-                for mode in modes:
-                    config = EngineConfig(max_num_seqs=max(16, concurrency), **ENGINE_MODES[mode])
-                    with Engine(model, tokenizer, config=config, mtp_head=head) as engine:
-                        result = engine_round(engine, prompts, params, args.tokens)
-                    if repeat:
-                        rounds[mode].append(result)
+            # One engine per mode for all repeats, as a server keeps one: the adaptive policy
+            # carries what it measured from round to round (repeat 0 warms it up).
+            with ExitStack() as stack:
+                engines = {
+                    mode: stack.enter_context(
+                        Engine(
+                            model,
+                            tokenizer,
+                            config=EngineConfig(
+                                max_num_seqs=max(16, concurrency), **ENGINE_MODES[mode]
+                            ),
+                            mtp_head=head,
+                        )
+                    )
+                    for mode in modes
+                }
+                for repeat in range(args.repeats + 1):
+                    for mode in modes:
+                        result = engine_round(engines[mode], prompts, params, args.tokens)
+                        if repeat:
+                            rounds[mode].append(result)
             baseline = statistics.median(statistics.median(r["rates"]) for r in rounds["batch"])
             base_aggregate = statistics.median(r["aggregate"] for r in rounds["batch"])
             for mode in modes:

@@ -135,6 +135,9 @@ def main() -> None:
     model, tokenizer = load_sharded(args.model, args.mode, group)
     prompt_ids = encode(tokenizer, args.prompt, args.raw)
     token_ids, prefill_s, decode_tps = generate(model, prompt_ids, args.max_tokens)
+    # generate_step leaves one step in flight, with its sends and receives; a rank that exited
+    # now would close its sockets under the other rank's. Meet once more, then leave.
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
     if group.rank() == 0:
         result = Result(
             num_ranks=group.size(),
