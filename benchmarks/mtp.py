@@ -234,16 +234,21 @@ def engine_round(
 
 def run_engine_section(model, tokenizer, head: MTPHead, prompt_text: str, common: dict, args):
     """The served lane vs the lane off, per concurrency, modes alternating within repeats."""
-    for concurrency in args.concurrency:
-        prompts = [
+
+    def prompts_of(round_index: int, concurrency: int) -> list[list[int]]:
+        # New text every round: a prefix-cache hit would skip the prefill whose hiddens the
+        # head reads, and this section measures the lane, not the cache.
+        return [
             list(
                 tokenizer.apply_chat_template(
-                    [{"role": "user", "content": f"{prompt_text} (variant {i})"}],
+                    [{"role": "user", "content": f"{prompt_text} (round {round_index}, {i})"}],
                     add_generation_prompt=True,
                 )
             )
             for i in range(concurrency)
         ]
+
+    for concurrency in args.concurrency:
         modes = list(ENGINE_MODES) if concurrency == 1 else ["batch", "lane_auto"]
         for setting, params in SETTINGS.items():
             rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
@@ -265,6 +270,7 @@ def run_engine_section(model, tokenizer, head: MTPHead, prompt_text: str, common
                 }
                 for repeat in range(args.repeats + 1):
                     for mode in modes:
+                        prompts = prompts_of(repeat, concurrency)
                         result = engine_round(engines[mode], prompts, params, args.tokens)
                         if repeat:
                             rounds[mode].append(result)

@@ -52,7 +52,8 @@ import numpy as np
 
 MAX_PENDING = 512  # pairs waiting for the head; past this the head restarts from the newest
 # Plain steps between probes of depth 1 while speculation does not pay: FIRST_PROBE after it
-# last paid, doubling up to PROBE_EVERY (early estimates rest on few cycles; later ones on many).
+# last paid or a draft last stood, doubling up to PROBE_EVERY while probes fail (early
+# estimates rest on few cycles; an unlucky start must not keep the lane plain for long).
 FIRST_PROBE = 4
 PROBE_EVERY = 32
 YARDSTICK_STEPS = 4  # pipelined plain steps timed before the first draft: the cost to beat
@@ -87,6 +88,8 @@ class DepthPolicy:
         for j in range(min(depth, num_accepted + 1)):
             self._reached[j] += 1
             self._accepted[j] += j < num_accepted
+        if num_accepted:  # a draft stood: the estimate may be stale, look again soon
+            self._probe_interval = FIRST_PROBE
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """A lone step's period: completion of the step before to its own, drafting included."""
