@@ -7,7 +7,7 @@
 For a model served elsewhere (rag.upstreams): the appliance still tokenizes, so its prompts, token
 counts and prefix keys are the local engine's. The wrapper is the one `mlx_lm.load` gives the
 Engine (`mlx_lm.utils.load_tokenizer`: chat template, thinking switch, EOS ids from the config),
-and the calls below are the Engine's own.
+and the Engine makes its own tokenizer calls through this class.
 
 Ignores: the weights and everything about generating.
 """
@@ -23,10 +23,10 @@ from typing import Any
 class ChatTokenizer:
     """encode / decode / count_tokens / apply_chat_template, exactly as the Engine calls them."""
 
-    def __init__(self, folder: Path, tokenizer: Any) -> None:
-        self.folder = folder
+    def __init__(self, tokenizer: Any, folder: Path | None = None) -> None:
+        self.folder = folder  # None: no config.json to read (vocab_size / context_length)
         self._tokenizer = tokenizer  # mlx_lm.tokenizer_utils.TokenizerWrapper
-        self._config = _text_config(folder)
+        self._config = {} if folder is None else _text_config(folder)
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
@@ -48,7 +48,7 @@ class ChatTokenizer:
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         eos = getattr(self._tokenizer, "eos_token_ids", None) or {self._tokenizer.eos_token_id}
-        return tuple(sorted(eos))
+        return tuple(sorted(t for t in eos if t is not None))
 
     def vocab_size(self) -> int:
         """Token ids the model takes: its config's vocab_size, else the tokenizer's."""
@@ -68,7 +68,7 @@ def load_chat_tokenizer(folder: Path) -> ChatTokenizer:
         raise ValueError(f"{folder} has no tokenizer.json: not a tokenizer folder")
     from mlx_lm.utils import load_tokenizer  # slow import: only callers that tokenize pay
 
-    return ChatTokenizer(folder, load_tokenizer(folder))
+    return ChatTokenizer(load_tokenizer(folder), folder)
 
 
 def _text_config(folder: Path) -> dict[str, Any]:

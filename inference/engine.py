@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.backend import GenerationChunk, GenerationError, GenerationRequest, Usage
+from inference.chat_tokenizer import ChatTokenizer
 from inference.engine_mtp import LaneTotals, MTPLane, verify_rows
 from inference.engine_prefix import PrefixSharing
 from inference.engine_requests import RequestState
@@ -137,11 +138,10 @@ class Engine:
         one the prefix cache stays in RAM. mtp_head: the model's draft head, for the MTP lane."""
         self.config = config or EngineConfig()
         self._model_name = model_name
-        self._tokenizer = tokenizer
+        self._chat = ChatTokenizer(tokenizer)  # encode / decode / chat template, as upstreams do
         # The Rust tokenizer decodes fastest; transformers' wrapper is the fallback.
         self._decoder = getattr(tokenizer, "backend_tokenizer", None) or tokenizer
-        eos = getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id}
-        self._eos_token_ids = tuple(sorted(t for t in eos if t is not None))
+        self._eos_token_ids = self._chat.eos_token_ids
         args = getattr(model, "args", None)
         self._vocab_size: int | None = getattr(args, "vocab_size", None)
         self._max_model_len = self.config.max_model_len or int(
@@ -303,21 +303,18 @@ class Engine:
         return self._eos_token_ids
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+        return self._chat.encode(text)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.encode(text))
+        return self._chat.count_tokens(text)
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(token_ids))
+        return self._chat.decode(token_ids)
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
     ) -> list[int]:
-        ids = self._tokenizer.apply_chat_template(
-            [dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tokenize=True
-        )
-        return list(ids)
+        return self._chat.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         """Queue a request; its chunks arrive on the returned stream."""
