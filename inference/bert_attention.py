@@ -23,6 +23,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -32,6 +33,7 @@ _EXP_SAFE = 64.0
 _EXP_SAFE_MIN = math.exp(-_EXP_SAFE)
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+T = TypeVar("T")
 
 
 def attention_context(qkv: mx.array, lengths: list[int], num_heads: int, scale: float) -> mx.array:
@@ -47,13 +49,7 @@ def attention_context(qkv: mx.array, lengths: list[int], num_heads: int, scale: 
         row, heads = task
         _attend(fused[row, : lengths[row]], out[row, : lengths[row]], num_heads, heads, scale)
 
-    pool = _get_pool()
-    if pool is None or len(tasks) == 1:
-        for task in tasks:
-            run(task)
-    else:
-        for _ in pool.map(run, tasks):
-            pass
+    _run_all(run, tasks)
     return mx.array(out)
 
 
@@ -77,13 +73,7 @@ def residual_layer_norm(
         h *= w
         h += c
 
-    pool = _get_pool()
-    if pool is None or len(blocks) == 1:
-        for rows in blocks:
-            run(rows)
-    else:
-        for _ in pool.map(run, blocks):
-            pass
+    _run_all(run, blocks)
     return mx.array(out.reshape(shape))
 
 
@@ -122,6 +112,17 @@ def _head_groups(num_heads: int, batch: int) -> list[slice]:
     groups = max(1, min(num_heads, -(-_num_workers() // batch)))
     size = -(-num_heads // groups)
     return [slice(start, min(start + size, num_heads)) for start in range(0, num_heads, size)]
+
+
+def _run_all(run: Callable[[T], None], tasks: list[T]) -> None:
+    """run(task) for every task: on the pool when there is one and more than one task."""
+    pool = _get_pool()
+    if pool is None or len(tasks) == 1:
+        for task in tasks:
+            run(task)
+    else:
+        for _ in pool.map(run, tasks):
+            pass
 
 
 def _num_workers() -> int:
