@@ -374,21 +374,23 @@ def main() -> None:
 
     if args.random_shape:
         source = f"random {args.random_shape} {args.dtype}"
-        model, tokenizer = random_model(
-            args.random_shape, args.dtype, Path(tempfile.mkdtemp()) / "tokenizer"
-        )
+        folder = Path(tempfile.mkdtemp()) / "tokenizer"
+        model, tokenizer = random_model(args.random_shape, args.dtype, folder)
+        engine_model, _ = random_model(args.random_shape, args.dtype, folder)  # same seed
     else:
         path = Path(args.model) if args.model else resolve_chat_model(None)
         source = str(path)
         model, tokenizer = load(str(path))
+        engine_model, _ = load(str(path))
     config = EngineConfig(
         max_num_seqs=max(16, *args.concurrency),
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=min(8192, getattr(model.args, "max_position_embeddings", 8192)),
         pass_cost_tokens=args.pass_cost_tokens,
     )
-    # One model object for both systems (they never run at the same time).
-    engine = Engine(model, tokenizer, config=config, model_name=source)
+    # Each system its own model object: the engine fuses its MLPs' activations on a CPU,
+    # mlx-lm runs the model as it loads.
+    engine = Engine(engine_model, tokenizer, config=config, model_name=source)
     tokenizer.eos_token_ids = []  # mlx-lm stops at EOS; both systems ignore it here
     setup = {
         "bench": "setup",

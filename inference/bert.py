@@ -8,23 +8,21 @@ This module knows nothing about tokenizers, pooling or sentence-transformers fol
 
 Speed on CPU: MLX's CPU backend evaluates exp/erf one element at a time (~20 ns each here), and
 its fused kernels are SIMD only when contiguous and free of min/max/where. So GELU uses a
-rational erf in Estrin form with an abs-based clip (2x faster than Horner with clip), and on a
-CPU device the attention core (scores, softmax, context) runs in NumPy one sequence at a time
+rational erf (`fast_math.gelu_erf`), and on a CPU device the attention core (scores, softmax, context) runs in NumPy one sequence at a time
 over its real tokens (`bert_attention.py`: 3-5x faster than MLX over the padded batch); the
-MLX attention with a polynomial exp stays for other devices. The first call on a machine
-JIT-compiles the fused loops with the system C++ compiler (seconds, cached under $TMPDIR/mlx).
+MLX attention with a polynomial exp stays for other devices.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from inference.bert_attention import attention_context, residual_layer_norm
+from inference.fast_math import gelu_erf, softmax_numerator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -94,71 +92,6 @@ class BertConfig:
     def max_tokens(self) -> int:
         """Longest input, special tokens included, that the position table can hold."""
         return self.max_position_embeddings - self.position_offset
-
-
-# --- fast elementwise math (see the module docstring for why) ---------------------------------
-
-# Rational approximation of erf on [-4, 4] (Eigen's generic_fast_erf_float); |error| < 2e-7.
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
-          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
-          -1.60960333262415e-02)  # fmt: skip
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
-          -7.37332916720468e-03, -1.42647390514189e-02)  # fmt: skip
-# GELU(x) = x (0.5 + 0.5 erf(x / sqrt 2)); erf(z) = z P(z^2) / Q(z^2); 0.5 z P = x P / (2 sqrt 2).
-_GELU_P = tuple(c / (2.0 * math.sqrt(2.0)) for c in _ERF_P)
-_GELU_CLIP = 4.0 * math.sqrt(2.0)
-# exp(x) for x in [-20, 0] as (Taylor(x/32))^32; below -20 a probability ratio is < 2e-9: use 0.
-_EXP_FLOOR = -20.0
-_EXP_SQUARINGS = 5
-_EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(10))
-
-
-def _gelu_erf(x: mx.array) -> mx.array:
-    # Written so MLX fuses it into contiguous, SIMD loops: no min / max / where (their NaN
-    # checks keep the compiler scalar; clip is |x + a| - |x - a|), and Estrin-form polynomials
-    # in w = z^2 with z = x / sqrt(2) folded into the coefficients (shallow enough for few
-    # kernels): 2x faster than Horner with clip.
-    c = (mx.abs(x + _GELU_CLIP) - mx.abs(x - _GELU_CLIP)) * 0.5  # x clipped to +-4 sqrt(2)
-    w = c * c * 0.5  # z^2
-    return x * (0.5 + c * _estrin(w, _GELU_P) / _estrin(w, _ERF_Q))
-
-
-def _estrin(w: mx.array, coefficients: tuple[float, ...]) -> mx.array:
-    """The polynomial in w with these coefficients (highest power first), in Estrin's form:
-    pairs, then pairs of pairs, so the dependency chain is log-deep instead of linear."""
-    low_first = coefficients[::-1]
-    terms = [
-        low_first[i] + low_first[i + 1] * w if i + 1 < len(low_first) else low_first[i]
-        for i in range(0, len(low_first), 2)
-    ]
-    power = w
-    while len(terms) > 1:
-        power = power * power
-        terms = [
-            terms[i] + power * terms[i + 1] if i + 1 < len(terms) else terms[i]
-            for i in range(0, len(terms), 2)
-        ]
-    return terms[0]
-
-
-def _exp_nonpositive(d: mx.array) -> mx.array:
-    y = mx.maximum(d, _EXP_FLOOR) * (0.5**_EXP_SQUARINGS)
-    p = _EXP_TAYLOR[-1]
-    for c in _EXP_TAYLOR[-2::-1]:
-        p = p * y + c
-    for _ in range(_EXP_SQUARINGS):
-        p = p * p
-    return mx.where(d > _EXP_FLOOR, p, 0.0)
-
-
-def _softmax_numerator(scores: mx.array) -> mx.array:
-    """exp(scores - rowmax), exactly 0 for masked (-inf) keys; the caller divides by the sum."""
-    return _exp_nonpositive(scores - scores.max(axis=-1, keepdims=True))
-
-
-# Shape-specialised compiles: each shape gets one fused loop (shapeless ones run strided, slower).
-gelu_erf = mx.compile(_gelu_erf)
-softmax_numerator = mx.compile(_softmax_numerator)
 
 
 # --- the network ------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from inference.engine_types import (
     EngineLoad,
     StepRecord,
 )
+from inference.fused_mlp import fuse_swiglu_mlps
 from inference.model_fingerprint import fingerprint_model_dir, parameters_dtype
 from inference.model_settings import read_model_settings
 from inference.mtp_head import MTPHead, load_head
@@ -377,10 +378,22 @@ class Engine:
 
     # -- the engine thread ---------------------------------------------------------------------
 
+    def _fuse_activations(self) -> None:
+        """On a CPU device, SwiGLU activations in fused loops (~10% of a 16-row decode step).
+
+        Here, on the engine thread, before any step: the swap's probe evaluates arrays, and an
+        MLX 0.32 process aborts at exit when a thread's first evaluation follows the main
+        thread's (ml-explore/mlx#3126)."""
+        head = self._mtp.head if self._mtp is not None else None
+        num_fused = fuse_swiglu_mlps(self._runner.model) + (fuse_swiglu_mlps(head) if head else 0)
+        if num_fused:
+            log.info("%s: %d SwiGLU MLPs use the fused CPU activation", self._model_name, num_fused)
+
     def _run(self) -> None:
         error: GenerationError = EngineClosedError(f"engine {self._model_name} was closed")
         in_flight: _InFlight | None = None
         try:
+            self._fuse_activations()
             while self._take_inbox(wait=in_flight is None):
                 if in_flight is not None and (
                     in_flight.has_first_token or self._lane_needs_tokens(in_flight)
