@@ -64,6 +64,7 @@ from inference.engine_types import (
     EngineLoad,
     StepRecord,
 )
+from inference.fused_attention import fuse_attention_layers
 from inference.fused_mlp import fuse_swiglu_mlps
 from inference.model_fingerprint import fingerprint_model_dir, parameters_dtype
 from inference.model_settings import read_model_settings
@@ -379,15 +380,19 @@ class Engine:
     # -- the engine thread ---------------------------------------------------------------------
 
     def _fuse_activations(self) -> None:
-        """On a CPU device, SwiGLU activations in fused loops (~10% of a 16-row decode step).
+        """On a CPU device, SwiGLU activations and attention softmax in fused loops (~10% of a
+        16-row decode step, half of a long prompt's attention).
 
         Here, on the engine thread, before any step: the swap's probe evaluates arrays, and an
         MLX 0.32 process aborts at exit when a thread's first evaluation follows the main
         thread's (ml-explore/mlx#3126)."""
         head = self._mtp.head if self._mtp is not None else None
-        num_fused = fuse_swiglu_mlps(self._runner.model) + (fuse_swiglu_mlps(head) if head else 0)
-        if num_fused:
-            log.info("%s: %d SwiGLU MLPs use the fused CPU activation", self._model_name, num_fused)
+        modules = [self._runner.model] + ([head] if head is not None else [])
+        num_mlps = sum(fuse_swiglu_mlps(module) for module in modules)
+        num_attention = sum(fuse_attention_layers(module) for module in modules)
+        if num_mlps or num_attention:
+            log.info("%s: fused CPU activations in %d MLPs and softmax in %d attention layers",
+                     self._model_name, num_mlps, num_attention)  # fmt: skip
 
     def _run(self) -> None:
         error: GenerationError = EngineClosedError(f"engine {self._model_name} was closed")
