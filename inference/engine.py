@@ -79,6 +79,7 @@ from inference.prefix_cache import (
 from inference.runner import ModelRunner, RunnerConfig, RunOutput
 from inference.sampling import compute_logprobs, compute_probs, sample
 from inference.scheduler import CountingKVCapacity, ScheduledStep, Scheduler
+from inference.thread_exit import wait_os_thread_exit
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -370,6 +371,7 @@ class Engine:
             self._wakeup.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+            wait_os_thread_exit(self._thread)  # its MLX thread-locals, before any exit
 
     def __enter__(self) -> Engine:
         return self

@@ -13,6 +13,7 @@ Ignores: HTTP (routes), loading models from disk (loading.py).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 from inference.backend import GenerationBackend
 from inference.chat_model import ModelNotFoundError
 from inference.model_pool import ModelPool, PoolFullError
+from inference.thread_exit import wait_os_thread_exit
 
 from ingest.protocols import TextEmbedder
 from rag.reranking import Reranker
@@ -176,7 +178,13 @@ class EncoderWorker:
     """One thread for embedder and reranker calls: they run beside the engine, never block the loop."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        self._threads: list[threading.Thread] = []
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="encoder", initializer=self._started
+        )
+
+    def _started(self) -> None:
+        self._threads.append(threading.current_thread())
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -188,6 +196,8 @@ class EncoderWorker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        for thread in self._threads:  # it ran compiled MLX functions (the embedder's GELU)
+            wait_os_thread_exit(thread)
 
 
 @dataclass
