@@ -16,14 +16,9 @@ This module knows nothing about layers, weights or pooling; `bert.py` calls it o
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import math
-import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+
+from inference.numpy_pool import num_workers, run_all
 
 import mlx.core as mx
 import numpy as np
@@ -31,9 +26,6 @@ import numpy as np
 # exp(64) * 1e5 keys stays far below float32's max; exp(-64) is still a normal float32.
 _EXP_SAFE = 64.0
 _EXP_SAFE_MIN = math.exp(-_EXP_SAFE)
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-T = TypeVar("T")
 
 
 def attention_context(qkv: mx.array, lengths: list[int], num_heads: int, scale: float) -> mx.array:
@@ -49,7 +41,7 @@ def attention_context(qkv: mx.array, lengths: list[int], num_heads: int, scale: 
         row, heads = task
         _attend(fused[row, : lengths[row]], out[row, : lengths[row]], num_heads, heads, scale)
 
-    _run_all(run, tasks)
+    run_all(run, tasks)
     return mx.array(out)
 
 
@@ -62,7 +54,7 @@ def residual_layer_norm(
     b = np.asarray(residual.astype(mx.float32)).reshape(-1, shape[-1])
     w, c = np.asarray(weight.astype(mx.float32)), np.asarray(bias.astype(mx.float32))
     out = np.empty_like(a)
-    step = max(1, -(-a.shape[0] // _num_workers()))
+    step = max(1, -(-a.shape[0] // num_workers()))
     blocks = [slice(start, start + step) for start in range(0, a.shape[0], step)]
 
     def run(rows: slice) -> None:
@@ -73,7 +65,7 @@ def residual_layer_norm(
         h *= w
         h += c
 
-    _run_all(run, blocks)
+    run_all(run, blocks)
     return mx.array(out.reshape(shape))
 
 
@@ -109,58 +101,6 @@ def _attend(fused: np.ndarray, out: np.ndarray, num_heads: int, heads: slice, sc
 
 def _head_groups(num_heads: int, batch: int) -> list[slice]:
     """Split heads so that even a batch of one sequence gives every worker a task."""
-    groups = max(1, min(num_heads, -(-_num_workers() // batch)))
+    groups = max(1, min(num_heads, -(-num_workers() // batch)))
     size = -(-num_heads // groups)
     return [slice(start, min(start + size, num_heads)) for start in range(0, num_heads, size)]
-
-
-def _run_all(run: Callable[[T], None], tasks: list[T]) -> None:
-    """run(task) for every task: on the pool when there is one and more than one task."""
-    pool = _get_pool()
-    if pool is None or len(tasks) == 1:
-        for task in tasks:
-            run(task)
-    else:
-        for _ in pool.map(run, tasks):
-            pass
-
-
-def _num_workers() -> int:
-    """One worker per core the BLAS may use (the benchmarks pin it with OPENBLAS_NUM_THREADS)."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(var, "")
-        if value.isdigit() and int(value) > 0:
-            return min(int(value), 16)
-    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 16)
-
-
-def _get_pool() -> ThreadPoolExecutor | None:
-    global _pool
-    if _num_workers() == 1:
-        return None
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(
-                _num_workers(), thread_name_prefix="bert-attention", initializer=_one_blas_thread
-            )
-    return _pool
-
-
-def _one_blas_thread() -> None:
-    """Each worker is one core's worth: NumPy's own OpenBLAS must not spawn threads of its
-    own per call (they fight MLX's BLAS threads for the cores: 7x slower here)."""
-    setter = _numpy_openblas_local_threads()
-    if setter is not None:
-        setter(1)
-
-
-def _numpy_openblas_local_threads() -> Callable[[int], object] | None:
-    """`openblas_set_num_threads_local` of the OpenBLAS bundled in NumPy's wheel (>= 0.3.27),
-    or None where NumPy uses another BLAS (Accelerate, MKL) or an older OpenBLAS."""
-    libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
-    for path in sorted(glob.glob(os.path.join(libs, "libscipy_openblas*.so*"))):
-        try:
-            return ctypes.CDLL(path).openblas_set_num_threads_local
-        except (OSError, AttributeError):
-            continue
-    return None

@@ -8,6 +8,7 @@ from pathlib import Path
 import inference  # noqa: F401  (loads the BLAS before mlx)
 from inference import fast_math, fused_attention
 from inference.fused_attention import FusedAttention, cpu_attention, fuse_attention_layers
+from inference.numpy_attention import numpy_attention
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -143,3 +144,45 @@ def test_probe_refuses_a_class_whose_output_differs(
         assert fuse_attention_layers(holder) == 0
     assert "differs from the fused attention" in caplog.text
     assert isinstance(holder.layers[0], _OtherAttention)
+
+
+@pytest.mark.parametrize(
+    ("batch", "length", "keys", "mask"),
+    [
+        (1, 40, 40, "causal"),
+        (1, 33, 90, "causal"),
+        (3, 36, 70, "rows"),
+        (2, 40, 64, "additive"),
+        (1, 32, 50, None),
+    ],
+)
+def test_numpy_attention_matches_mlx(batch: int, length: int, keys: int, mask: str | None) -> None:
+    q, k, v = _qkv(batch, length, keys)
+    mask_arg: object = mask
+    if mask in ("rows", "additive"):
+        mask_arg = _batched_mask([keys - 5 * row for row in range(batch)], length, keys)
+        if mask == "additive":
+            mask_arg = mx.where(mask_arg, 0.0, -mx.inf)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask_arg)
+    got = numpy_attention(q, k, v, 0.25, mask_arg)
+    assert mx.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_long_chunks_take_the_numpy_path(
+    tiny_llama_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, _ = load(str(tiny_llama_path))
+    prompt = mx.array([list(range(3, 3 + fused_attention.NUMPY_MIN_QUERIES + 8))])
+    want = model(prompt, cache=make_prompt_cache(model))
+    fuse_attention_layers(model)
+    calls: list[int] = []
+    real = fused_attention.numpy_attention
+
+    def counting(*args: object) -> mx.array:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(fused_attention, "numpy_attention", counting)
+    got = model(prompt, cache=make_prompt_cache(model))
+    assert len(calls) == len(model.model.layers)
+    assert mx.allclose(got, want, rtol=1e-4, atol=1e-4)
