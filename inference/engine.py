@@ -513,8 +513,11 @@ class Engine:
             return None
         lane = self._mtp
         lane_open = lane is not None and lane.is_open(len(self._states))
-        started = time.perf_counter()  # a cycle's cost includes its drafting
+        started = time.perf_counter()  # a cycle's cost includes its drafting ...
         drafted = self._draft() if lane_open else {}
+        if lane_open:
+            assert lane is not None
+            started += lane.take_catch_up_s()  # ... not the plain steps' share of the head
         step = self._scheduler.schedule()
         verified = {
             item.request_id: item.num_lookahead_tokens

@@ -237,6 +237,7 @@ class MTPLane:
                 f"this head wants {head.config.hidden_source}"
             )
         self.trunk = Trunk(model)
+        self._catch_up_s = 0.0  # head time on plain steps' pairs, not yet taken
         # Built on the caller's thread: lazy weights would be evaluated on the engine's, where
         # the caller's stream does not exist.
         mx.eval(head.parameters())
@@ -325,6 +326,14 @@ class MTPLane:
         pair_tokens = state.token_ids[drafting.pending_start + 1 : n + 1]
         hidden = self.head(self.trunk.embed(pair_tokens), drafting.pending, drafting.head_cache)
         hidden = hidden[:, -1:]
+        caught_up_s = 0.0
+        if len(pair_tokens) > MAX_DEPTH + 1:
+            # Pairs left by plain steps, not by the last cycle: reading them is the price of
+            # the plain steps, so it is timed apart and kept out of this cycle's cost (else
+            # a probe after a plain streak looks dear, and the lane stays plain ever longer).
+            mx.eval(hidden)
+            caught_up_s = time.perf_counter() - started
+            self._catch_up_s += caught_up_s
         drafting.pending = None
         drafting.pending_start = n
         draft_ids: list[int] = []
@@ -342,8 +351,13 @@ class MTPLane:
             rows.append(q)
         drafting.drafts = draft_ids
         drafting.draft_probs = np.stack(rows)
-        self.policy.observe_head(depth, time.perf_counter() - started)
+        self.policy.observe_head(depth, time.perf_counter() - started - caught_up_s)
         return draft_ids
+
+    def take_catch_up_s(self) -> float:
+        """Seconds the head spent on plain steps' pairs since the last call (see `draft`)."""
+        seconds, self._catch_up_s = self._catch_up_s, 0.0
+        return seconds
 
     def drafts(self, request_id: str) -> list[int]:
         drafting = self._drafting.get(request_id)

@@ -405,3 +405,33 @@ def test_verify_chunk_logits_and_rollback_match_step_by_step(model) -> None:
     want_k, want_v = plain.cache.read("a", 0, n + 2)
     for got, want in zip([*got_k, *got_v], [*want_k, *want_v], strict=True):
         assert mx.allclose(got, want, atol=1e-5).item()
+
+
+def _recorded_catch_ups(engine: Engine) -> list[float]:
+    """Wrap the lane's take_catch_up_s (our own object, for the test) to record each value."""
+    lane = engine.mtp_lane
+    assert lane is not None
+    taken: list[float] = []
+    original = lane.take_catch_up_s
+
+    def record() -> float:
+        seconds = original()
+        taken.append(seconds)
+        return seconds
+
+    lane.take_catch_up_s = record  # type: ignore[method-assign]
+    return taken
+
+
+def test_head_catch_up_after_plain_steps_is_kept_out_of_cycle_costs(make_engine) -> None:
+    # A losing head: plain streaks, then probes whose drafting first reads the streak's pairs.
+    engine = make_engine(head="random", mtp_depth=None)
+    taken = _recorded_catch_ups(engine)
+    run(engine, request(PROMPTS[0], 80))
+    assert any(seconds > 0 for seconds in taken)
+    # A cycle every step: after the prompt's pairs (the first drafting), the head only reads
+    # the last cycle's pairs, nothing to set apart.
+    engine = make_engine(mtp_depth=1)
+    taken = _recorded_catch_ups(engine)
+    run(engine, request(PROMPTS[0], 24))
+    assert len(taken) > 5 and all(seconds == 0 for seconds in taken[1:])
