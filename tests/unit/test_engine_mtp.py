@@ -428,10 +428,10 @@ def test_head_catch_up_after_plain_steps_is_kept_out_of_cycle_costs(make_engine)
     engine = make_engine(head="random", mtp_depth=None)
     taken = _recorded_catch_ups(engine)
     run(engine, request(PROMPTS[0], 80))
-    assert any(seconds > 0 for seconds in taken)
+    assert sum(seconds > 0 for seconds in taken) >= 2  # the prompt's pairs, then a streak's
     # A cycle every step: after the prompt's pairs (the first drafting), the head only reads
     # the last cycle's pairs, nothing to set apart.
     engine = make_engine(mtp_depth=1)
     taken = _recorded_catch_ups(engine)
     run(engine, request(PROMPTS[0], 24))
-    assert len(taken) > 5 and all(seconds == 0 for seconds in taken[1:])
+    assert len(taken) > 5 and sum(seconds > 0 for seconds in taken) <= 1
