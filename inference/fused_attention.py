@@ -19,24 +19,20 @@ kernel.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from inference.fast_math import exp_shifted
+from inference.module_swap import outputs_match, probe_input, swap_modules
 from inference.numpy_attention import numpy_attention
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
-
-log = logging.getLogger(__name__)
 
 # Attention classes whose __call__ is: project, reshape to heads, (q/k norm), RoPE at the
 # cache offset, cache update, SDPA, merge heads, o_proj.
 _ATTENTION_CLASSES = {("mlx_lm.models.llama", "Attention"), ("mlx_lm.models.qwen2", "Attention"),
                       ("mlx_lm.models.qwen3", "Attention")}  # fmt: skip
 _MASKED = -1e4  # a masked score: far below any real one, small enough for exp_shifted's clip
-_PROBE_TOLERANCE = 1e-4
 # Chunks of at least this many queries (prefill) attend in NumPy: 4x faster, at the price of
 # evaluating q, k and v mid-graph; decode and verify rows stay lazy in MLX.
 NUMPY_MIN_QUERIES = 32
@@ -129,35 +125,9 @@ def fuse_attention_layers(model: nn.Module) -> int:
     Returns how many were replaced (0 on other devices, where MLX's own kernel is fast).
     Idempotent: a fused model is left as it is.
     """
-    if mx.default_device() != mx.cpu:
-        return 0
-    verdicts: dict[type, bool] = {}
-    swaps: list[tuple[str, nn.Module]] = []
-    for path, module in model.named_modules():
-        cls = type(module)
-        if (cls.__module__, cls.__name__) not in _ATTENTION_CLASSES:
-            continue
-        if cls not in verdicts:
-            verdicts[cls] = _same_output(module)
-            if not verdicts[cls]:
-                log.warning("%s.%s differs from the fused attention; left as is", cls.__module__,
-                            cls.__name__)  # fmt: skip
-        if verdicts[cls]:
-            swaps.append((path, FusedAttention(module)))
-    if swaps:
-        model.update_modules(tree_unflatten(swaps))
-    return len(swaps)
+    return swap_modules(model, _ATTENTION_CLASSES, FusedAttention, _same_output, "fused attention")
 
 
-def _same_output(attention: nn.Module) -> bool:
-    """Whether the fused form gives this layer's output on a random causal input."""
-    proj = attention.q_proj
-    bits = getattr(proj, "bits", None)  # a QuantizedLinear packs 32 // bits inputs per word
-    width = proj.weight.shape[-1] * 32 // bits if bits else proj.weight.shape[-1]
-    dtype = proj.scales.dtype if bits else proj.weight.dtype
-    x = mx.random.normal((2, 5, width), key=mx.random.key(0)).astype(dtype)
-    want = attention(x, mask="causal").astype(mx.float32)
-    got = FusedAttention(attention)(x, mask="causal").astype(mx.float32)
-    tolerance = max(_PROBE_TOLERANCE, 4 * mx.finfo(dtype).eps)
-    scale = mx.max(mx.abs(want)).item() or 1.0
-    return mx.max(mx.abs(got - want)).item() <= tolerance * scale
+def _same_output(attention: nn.Module, fused: nn.Module) -> bool:
+    x = probe_input(attention.q_proj, 5)
+    return outputs_match(attention(x, mask="causal"), fused(x, mask="causal"))

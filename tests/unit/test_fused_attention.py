@@ -140,7 +140,7 @@ def test_probe_refuses_a_class_whose_output_differs(
     monkeypatch.setattr(fused_attention, "_ATTENTION_CLASSES", known)
     holder = nn.Module()
     holder.layers = [_OtherAttention()]
-    with caplog.at_level(logging.WARNING, logger="inference.fused_attention"):
+    with caplog.at_level(logging.WARNING, logger="inference.module_swap"):
         assert fuse_attention_layers(holder) == 0
     assert "differs from the fused attention" in caplog.text
     assert isinstance(holder.layers[0], _OtherAttention)

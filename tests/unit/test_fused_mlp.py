@@ -80,7 +80,7 @@ def test_probe_refuses_a_class_whose_output_differs(
     known = {*fused_mlp._SWIGLU_CLASSES, (_GeluMLP.__module__, _GeluMLP.__name__)}
     monkeypatch.setattr(fused_mlp, "_SWIGLU_CLASSES", known)
     holder = _Holder()
-    with caplog.at_level(logging.WARNING, logger="inference.fused_mlp"):
+    with caplog.at_level(logging.WARNING, logger="inference.module_swap"):
         assert fuse_swiglu_mlps(holder) == 0
     assert "differs from the fused SwiGLU" in caplog.text
     assert all(isinstance(block, _GeluMLP) for block in holder.blocks)
