@@ -103,6 +103,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 4096  # for models whose config names no context length
 CLEAR_CACHE_EVERY = 256  # steps between returning MLX's freed buffers to the system
+PLAIN_SAMPLE_STEPS = 4  # plain steps of a streak averaged into one price for the MTP policy
 
 
 @dataclass
@@ -181,6 +182,8 @@ class Engine:
         self._states: dict[str, RequestState] = {}  # engine thread only, parked ones included
         self._num_steps = 0
         self._last_done: float | None = None  # when the last step completed
+        # (since, steps): lone plain steps run ahead, completed in a row since `since`
+        self._plain_streak: tuple[float, int] | None = None
 
         self._inbox: list[tuple[GenerationRequest, GenerationHandle]] = []
         self._cancelled: set[str] = set()
@@ -380,6 +383,19 @@ class Engine:
         self.close()
 
     # -- the engine thread ---------------------------------------------------------------------
+
+    def _observe_plain_streak(self, previous_done: float, now: float) -> None:
+        """Price a plain step as a streak's elapsed time over its steps, PLAIN_SAMPLE_STEPS at a
+        time: pipelined steps complete unevenly (one often right behind the one before, its
+        compute overlapped with delivery work), so single periods are 1/5 or 6/5 of a step."""
+        since, steps = self._plain_streak or (previous_done, 0)
+        steps += 1
+        if steps < PLAIN_SAMPLE_STEPS:
+            self._plain_streak = (since, steps)
+            return
+        assert self._mtp is not None
+        self._mtp.observe_step(1, (now - since) / steps)
+        self._plain_streak = (now, 0)
 
     def _fuse_activations(self) -> None:
         """On a CPU device, SwiGLU activations and attention softmax in fused loops (~10% of a
@@ -723,14 +739,20 @@ class Engine:
         now = time.perf_counter()
         if self._mtp is not None and done.lane_open and len(done.step.items) == 1:
             # A lone request's period by width prices the drafts: a cycle's from its launch
-            # (drafting included) to its verdict; a plain step's only when it ran ahead, as
-            # plain decoding does: from the completion before it to its own.
+            # (drafting included) to its verdict; plain steps' only when they ran ahead, as
+            # plain decoding does, averaged over a streak (_observe_plain_streak).
             width = done.step.items[0].num_tokens
-            if width > 1 or (done.ran_ahead and self._last_done is not None):
+            if width > 1:
                 since = (
                     done.started if self._last_done is None else max(self._last_done, done.started)
                 )
                 self._mtp.observe_step(width, now - since)
+            elif done.ran_ahead and self._last_done is not None:
+                self._observe_plain_streak(self._last_done, now)
+            else:
+                self._plain_streak = None
+        else:
+            self._plain_streak = None
         self._last_done = now
         self._num_steps += 1
         if self._num_steps % CLEAR_CACHE_EVERY == 0:

@@ -435,3 +435,19 @@ def test_head_catch_up_after_plain_steps_is_kept_out_of_cycle_costs(make_engine)
     taken = _recorded_catch_ups(engine)
     run(engine, request(PROMPTS[0], 24))
     assert len(taken) > 5 and sum(seconds > 0 for seconds in taken) <= 1
+
+
+def test_plain_steps_are_priced_over_a_streak(make_engine) -> None:
+    # Pipelined plain steps complete unevenly (one right behind another, then a long gap):
+    # the price is the streak's elapsed time over its steps, not any single gap.
+    engine = make_engine(mtp_depth=None)
+    lane = engine.mtp_lane
+    assert lane is not None
+    seen: list[tuple[int, float]] = []
+    lane.observe_step = lambda width, seconds: seen.append((width, seconds))  # type: ignore[method-assign]
+    done = 10.0
+    for gap in [0.013, 0.115, 0.013, 0.115, 0.013, 0.115, 0.013, 0.115]:
+        engine._observe_plain_streak(done, done + gap)
+        done += gap
+    assert [width for width, _ in seen] == [1, 1]
+    assert all(seconds == pytest.approx(0.064) for _, seconds in seen)
