@@ -37,10 +37,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="cores each side may use")
     parser.add_argument(
-        "--streams",
+        "--lanes",
         type=int,
-        default=1,
-        help="our parallel MLX streams (BLAS threads = threads / streams)",
+        default=None,
+        help="our parallel batch lanes, each with threads / lanes BLAS threads "
+        "(default: the embedder's own choice, one per thread up to 4)",
     )
     parser.add_argument(
         "--batch-tokens",
@@ -121,7 +122,7 @@ def run_ours(path: Path, passages: list[str], args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     batch_tokens = args.batch_tokens or args.batch_size * 512
     embedder = Embedder.load(
-        path, batch_tokens=batch_tokens, max_batch=args.batch_size, streams=args.streams
+        path, batch_tokens=batch_tokens, max_batch=args.batch_size, lanes=args.lanes
     )
     if args.dtype != "float32":
         embedder.model.set_dtype(getattr(mx, args.dtype))
@@ -134,9 +135,9 @@ def run_ours(path: Path, passages: list[str], args: argparse.Namespace) -> dict:
         "model": embedder.name,
         "dtype": args.dtype,
         "blas": f"{blas.name} {_openblas_core(blas.path)}".strip(),
-        "streams": args.streams,
+        "lanes": embedder.num_lanes,
         "batch_tokens": batch_tokens,
-        "blas_threads": int(os.environ["OPENBLAS_NUM_THREADS"]),
+        "blas_threads_per_lane": max(1, args.threads // embedder.num_lanes),
         "load_s": round(load_s, 2),
         "tokens_per_s": round(num_tokens / result["seconds"], 1),
         "mean_tokens": round(num_tokens / len(passages), 1),
@@ -187,10 +188,9 @@ def run_side(args: argparse.Namespace) -> dict:
     import numpy as np
 
     # Thread pools read these at load time, so set them before torch / OpenBLAS load. Our
-    # streams each call BLAS, so they share the cores: threads = streams x BLAS threads.
-    per_caller = max(1, args.threads // args.streams) if args.side == "mlx" else args.threads
+    # lanes share these threads (each lane gets threads / lanes of the BLAS).
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(per_caller)
+        os.environ[var] = str(args.threads)
     path = args.model or _default_model()
     passages = make_passages(args.passages, args.seed)
     result = (

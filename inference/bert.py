@@ -8,9 +8,13 @@ This module knows nothing about tokenizers, pooling or sentence-transformers fol
 
 Speed on CPU: MLX's CPU backend evaluates exp/erf one element at a time (~20 ns each here), and
 its fused kernels are SIMD only when contiguous and free of min/max/where. So GELU uses a
-rational erf (`fast_math.gelu_erf`), and on a CPU device the attention core (scores, softmax, context) runs in NumPy one sequence at a time
-over its real tokens (`bert_attention.py`: 3-5x faster than MLX over the padded batch); the
-MLX attention with a polynomial exp stays for other devices.
+rational erf (`fast_math.gelu_erf`), and on a CPU device the batch runs packed: the real tokens
+of all sequences end to end as one [T, H] matrix (no padding in any GEMM), the attention core
+(scores, softmax, context) in NumPy one sequence at a time (`bert_attention.py`: 3-5x faster
+than MLX over the padded batch), and the biases of the q/k/v, attention-output and down
+projections added inside those NumPy kernels instead of by MLX's addmm (its broadcast copy
+of the bias costs ~8% of a GEMM here). The padded MLX path with a polynomial exp stays for
+other devices.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from inference.fast_math import gelu_erf, softmax_numerator
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 # model_type -> whether positions start after the padding index (RoBERTa's quirk).
 _FAMILIES = {"bert": False, "roberta": True, "xlm-roberta": True, "camembert": True}
@@ -99,10 +104,9 @@ class BertConfig:
 
 @dataclass(frozen=True)
 class Mask:
-    """Which keys each sequence attends to, in the form each attention path wants."""
+    """Which keys each sequence attends to on the padded (non-CPU) path."""
 
-    additive: mx.array  # [B, 1, 1, L]: 0 for real tokens, -inf for padding (the MLX path)
-    lengths: list[int] | None  # real tokens per row, right-padded (the CPU NumPy path)
+    additive: mx.array  # [B, 1, 1, L]: 0 for real tokens, -inf for padding
 
 
 class Embeddings(nn.Module):
@@ -124,6 +128,17 @@ class Embeddings(nn.Module):
             types = self.token_type_embeddings(token_type_ids)
         return self.norm(self.word_embeddings(input_ids) + positions + types)
 
+    def packed(
+        self, input_ids: mx.array, positions: mx.array, token_type_ids: mx.array | None
+    ) -> mx.array:
+        """[T] token ids of sequences laid end to end and each one's position from 0 -> [T, H]."""
+        if token_type_ids is None:
+            types = self.token_type_embeddings.weight[0]
+        else:
+            types = self.token_type_embeddings(token_type_ids)
+        positions = self.position_embeddings(positions + self.offset)
+        return self.norm(self.word_embeddings(input_ids) + positions + types)
+
 
 class Attention(nn.Module):
     def __init__(self, config: BertConfig):
@@ -134,11 +149,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
 
+    def packed(self, x: mx.array, lengths: list[int]) -> mx.array:
+        """[T, H] packed sequences -> the output projection [T, H], without its bias."""
+        qkv_bias = self.qkv.bias if "bias" in self.qkv else None
+        context = attention_context(
+            x @ self.qkv.weight.T, qkv_bias, lengths, self.num_heads, self.scale
+        )
+        return context.astype(x.dtype) @ self.out.weight.T
+
     def __call__(self, x: mx.array, mask: Mask) -> mx.array:
         batch, length, hidden = x.shape
-        if mask.lengths is not None:
-            context = attention_context(self.qkv(x), mask.lengths, self.num_heads, self.scale)
-            return self.out(context.astype(x.dtype))
         # [B, L, 3H] -> 3 x [B, heads, L, head_dim]
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -169,15 +189,22 @@ class Layer(nn.Module):
             self.act = nn.relu
 
     def __call__(self, x: mx.array, mask: Mask) -> mx.array:
-        if mask.lengths is not None:  # on a CPU: NumPy's add + norm (bert_attention.py)
-            x = _residual_norm(self.attention_norm, x, self.attention(x, mask)).astype(x.dtype)
-            return _residual_norm(self.ffn_norm, x, self.down(self.act(self.up(x)))).astype(x.dtype)
         x = self.attention_norm(x + self.attention(x, mask))
         return self.ffn_norm(x + self.down(self.act(self.up(x))))
 
+    def packed(self, x: mx.array, lengths: list[int]) -> mx.array:
+        """The CPU path over [T, H] packed sequences: NumPy attention and residual + norm
+        (bert_attention.py), which also add the attention-output and down biases."""
+        attended = self.attention.packed(x, lengths)
+        x = _residual_norm(self.attention_norm, x, attended, self.attention.out).astype(x.dtype)
+        down = self.act(self.up(x)) @ self.down.weight.T
+        return _residual_norm(self.ffn_norm, x, down, self.down).astype(x.dtype)
 
-def _residual_norm(norm: nn.LayerNorm, x: mx.array, residual: mx.array) -> mx.array:
-    return residual_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+
+def _residual_norm(norm: nn.LayerNorm, x: mx.array, residual: mx.array, source: nn.Linear):
+    """norm(x + residual + source's bias): the bias that `residual`'s projection left out."""
+    bias = source.bias if "bias" in source else None
+    return residual_layer_norm(x, residual, bias, norm.weight, norm.bias, norm.eps)
 
 
 class BertModel(nn.Module):
@@ -196,15 +223,37 @@ class BertModel(nn.Module):
         token_type_ids: mx.array | None = None,
     ) -> mx.array:
         """input_ids, attention_mask: [B, L] (right-padded) -> hidden states [B, L, H]."""
+        if mx.default_device() == mx.cpu:
+            return self._packed(input_ids, attention_mask, token_type_ids)
         x = self.embeddings(input_ids, token_type_ids)
         additive = mx.where(attention_mask.astype(mx.bool_), 0.0, -mx.inf).astype(x.dtype)
-        lengths = None
-        if mx.default_device() == mx.cpu:  # NumPy attention (bert_attention.py) over real tokens
-            lengths = attention_mask.astype(mx.int32).sum(axis=1).tolist()
-        mask = Mask(additive[:, None, None, :], lengths)
+        mask = Mask(additive[:, None, None, :])
         for layer in self.layers:
             x = layer(x, mask)
         return x
+
+    def _packed(
+        self, input_ids: mx.array, attention_mask: mx.array, token_type_ids: mx.array | None
+    ) -> mx.array:
+        """The CPU path: real tokens only, end to end, through every layer; padded positions of
+        the [B, L, H] result are zeros."""
+        batch, length = input_ids.shape
+        lengths = attention_mask.astype(mx.int32).sum(axis=1).tolist()
+        rows = np.repeat(np.arange(batch), lengths)
+        positions = np.concatenate([np.arange(n) for n in lengths] or [np.zeros(0, np.int64)])
+        flat = mx.array((rows * length + positions).astype(np.int32))
+        types = None if token_type_ids is None else token_type_ids.reshape(-1)[flat]
+        x = self.embeddings.packed(
+            input_ids.reshape(-1)[flat], mx.array(positions.astype(np.int32)), types
+        )
+        for layer in self.layers:
+            x = layer.packed(x, lengths)
+        # Back to [B, L, H]: padded positions gather the zero row appended at index T.
+        total = len(rows)
+        where = np.full((batch, length), total, dtype=np.int32)
+        where[rows, positions] = np.arange(total, dtype=np.int32)
+        padded = mx.concatenate([x, mx.zeros((1, x.shape[-1]), dtype=x.dtype)])
+        return padded[mx.array(where)]
 
 
 class ClassifierHead(nn.Module):

@@ -14,6 +14,9 @@ import glob
 import logging
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -140,3 +143,67 @@ def preload_blas() -> BlasStatus:
 
 def blas_status() -> BlasStatus:
     return preload_blas()
+
+
+# -- thread count --------------------------------------------------------------------------------
+
+_threads_lock = threading.Lock()
+_cap_holders = 0
+_uncapped_threads: int | None = None
+
+
+@contextmanager
+def blas_threads_capped(threads: int) -> Iterator[None]:
+    """Run the body with the preloaded OpenBLAS using at most `threads` threads.
+
+    Parallel encoder lanes each run one GEMM at a time and want one thread apiece; OpenBLAS 0.3.21
+    (Debian's) has only a process-wide setting, so holders are counted: the cap holds while any
+    holder is inside, is the smallest asked for, and the count from before comes back after the
+    last one leaves. Calls already running keep the split they started with. No-op without a
+    preloaded OpenBLAS.
+    """
+    global _cap_holders, _uncapped_threads
+    library = _openblas()
+    if library is None:
+        yield
+        return
+    with _threads_lock:
+        current = int(library.openblas_get_num_threads())
+        if _cap_holders == 0:
+            _uncapped_threads = current
+        _cap_holders += 1
+        if threads < current:
+            library.openblas_set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _cap_holders -= 1
+            if _cap_holders == 0 and _uncapped_threads is not None:
+                library.openblas_set_num_threads(_uncapped_threads)
+                _uncapped_threads = None
+
+
+def blas_threads() -> int | None:
+    """The preloaded OpenBLAS's thread count now, or None without one."""
+    library = _openblas()
+    return None if library is None else int(library.openblas_get_num_threads())
+
+
+_library: ctypes.CDLL | None = None
+
+
+def _openblas() -> ctypes.CDLL | None:
+    """The preloaded OpenBLAS with its thread-count functions, or None."""
+    global _library
+    status = preload_blas()
+    if status.name != "openblas" or status.path is None:
+        return None
+    if _library is None:
+        library = ctypes.CDLL(status.path)
+        if not hasattr(library, "openblas_set_num_threads"):
+            return None
+        library.openblas_get_num_threads.restype = ctypes.c_int
+        library.openblas_set_num_threads.argtypes = [ctypes.c_int]
+        _library = library
+    return _library

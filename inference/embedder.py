@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from inference.bert import BertConfig, BertModel, load_weights, make_model
+from inference.blas import blas_threads_capped
+from inference.encoder_lanes import EncoderLanes
+from inference.numpy_pool import num_workers
 
 import mlx.core as mx
 import numpy as np
@@ -29,11 +30,10 @@ from tokenizers import Tokenizer
 
 DEFAULT_BATCH_TOKENS = 2048  # padded tokens per forward pass; keeps activations cache-sized
 DEFAULT_MAX_BATCH = 64  # rows per forward pass, whatever their length
-# Parallel MLX streams (batches take turns). On this 2-core CPU one stream with a 2-thread BLAS
-# beat two streams of one BLAS thread each (12.8 vs 11.0 chunks/s); the knob stays for others.
-# On a CPU the encoder now syncs once per layer (NumPy attention), so extra streams only overlap
-# graph building; the parallelism is inside the layer (BLAS threads, bert_attention's pool).
-DEFAULT_CPU_STREAMS = 1
+# On a CPU, batches run on parallel lanes (encoder_lanes.py), one per core the BLAS may use up to
+# this many, each with cores // lanes BLAS threads: 2 lanes of 1 thread beat 1 lane of 2 threads
+# on this 2-core machine (~1.3x, `benchmarks/embed.py --lanes 1`); more lanes than 4 unmeasured.
+MAX_CPU_LANES = 4
 # MLX's buffer cache defaults to 32 MB on a Linux CPU; a forward pass needs a few hundred MB of
 # activations and every uncached buffer is fresh memory to fault in (1.7x slower end to end here).
 MIN_BUFFER_CACHE_BYTES = 1 << 30
@@ -124,7 +124,7 @@ class Embedder:
         batch_tokens: int,
         max_batch: int,
         lowercase: bool,
-        streams: int | None = None,
+        lanes: int | None = None,
     ):
         self.name = name
         self.model = model
@@ -134,11 +134,10 @@ class Embedder:
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
         self._lowercase = lowercase
-        if streams is None:
-            on_cpu = mx.default_device() == mx.cpu
-            streams = min(DEFAULT_CPU_STREAMS, os.cpu_count() or 1) if on_cpu else 1
-        self._num_streams = max(1, streams)
-        self._thread_local = threading.local()  # MLX streams belong to the thread that made them
+        if lanes is None:
+            lanes = min(MAX_CPU_LANES, num_workers()) if mx.default_device() == mx.cpu else 1
+        self.num_lanes = max(1, lanes)
+        self._lanes: EncoderLanes | None = None  # started by the first call with 2+ batches
         # Two copies of one tokenizer: untruncated for counting, truncating (and reporting the
         # overflow) for embedding; neither pads, batching pads.
         self._tokenizer = tokenizer
@@ -160,7 +159,7 @@ class Embedder:
         max_tokens: int | None = None,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         max_batch: int = DEFAULT_MAX_BATCH,
-        streams: int | None = None,
+        lanes: int | None = None,
     ) -> Embedder:
         """Load a sentence-transformers folder; `max_tokens` may only lower the model's limit."""
         folder = Path(path)
@@ -191,7 +190,7 @@ class Embedder:
             batch_tokens=batch_tokens,
             max_batch=max_batch,
             lowercase=bool(st_config.get("do_lower_case", False)),
-            streams=streams,
+            lanes=lanes,
         )
 
     # --- token accounting (chunkers measure text with these) ----------------------------------
@@ -240,38 +239,59 @@ class Embedder:
     def _embed_rows(self, rows: list[list[int]]) -> np.ndarray:
         """Token-id rows (special tokens included, within max_tokens) -> float32 [n, dim]."""
         vectors = np.zeros((len(rows), self.dim), dtype=np.float32)
+        lengths = [len(r) for r in rows]
+        if self.num_lanes > 1 and len(rows) > 1:
+            # Every lane gets work, and they end together: batches of at most 1/lanes of it.
+            total = sum(self._bucket(n) for n in lengths)
+            batches = list(self._batches(lengths, -(-total // self.num_lanes)))
+            if len(batches) > 1:
+                self._embed_on_lanes(rows, batches, vectors)
+                return vectors
         pending: list[tuple[list[int], mx.array]] = []
-        streams = self._streams()
-        for number, batch in enumerate(self._batches([len(r) for r in rows])):
-            # Batches take turns on the streams, which run in parallel.
-            with mx.stream(streams[number % len(streams)]):
-                pooled = self._forward([rows[i] for i in batch])
+        for batch in self._batches(lengths):
+            pooled = self._forward([rows[i] for i in batch])
             mx.async_eval(pooled)  # build the next batch's graph while this one runs
             pending.append((batch, pooled))
         for batch, pooled in pending:
             vectors[batch] = np.asarray(pooled)
         return vectors
 
+    def _embed_on_lanes(
+        self, rows: list[list[int]], batches: list[list[int]], vectors: np.ndarray
+    ) -> None:
+        lanes = self._get_lanes()
+        share = max(1, num_workers() // lanes.num_lanes)  # each lane's cores
+
+        def embed_batch(batch: list[int]) -> np.ndarray:
+            return np.array(self._forward([rows[i] for i in batch]))
+
+        with blas_threads_capped(share):
+            pooled = lanes.map(embed_batch, batches)
+        for batch, batch_vectors in zip(batches, pooled, strict=True):
+            vectors[batch] = batch_vectors
+
+    def close(self) -> None:
+        """Stop the lane threads, if any ran (also done at interpreter exit)."""
+        if self._lanes is not None:
+            self._lanes.close()
+            self._lanes = None
+
     def _prepare(self, texts: list[str]) -> list[str]:
         if not isinstance(texts, list | tuple):
             raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
         return [t.lower() for t in texts] if self._lowercase else list(texts)
 
-    def _streams(self) -> list[mx.Stream]:
-        """This thread's streams, made on first use: a server embeds on a worker thread, and a
-        stream made on the loading thread cannot be used there."""
-        streams = getattr(self._thread_local, "streams", None)
-        if streams is None:
-            device = mx.default_device()
-            streams = [mx.new_stream(device) for _ in range(self._num_streams)]
-            self._thread_local.streams = streams
-        return streams
+    def _get_lanes(self) -> EncoderLanes:
+        if self._lanes is None:
+            share = max(1, num_workers() // self.num_lanes)
+            self._lanes = EncoderLanes(self.num_lanes, kernel_workers=share)
+        return self._lanes
 
-    def _batches(self, lengths: list[int]) -> Iterator[list[int]]:
+    def _batches(self, lengths: list[int], batch_tokens: int | None = None) -> Iterator[list[int]]:
         return plan_batches(
             lengths,
             max_tokens=self.max_tokens,
-            batch_tokens=self.batch_tokens,
+            batch_tokens=min(self.batch_tokens, batch_tokens or self.batch_tokens),
             max_batch=self.max_batch,
         )
 

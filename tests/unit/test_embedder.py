@@ -303,37 +303,79 @@ def test_default_embedder_path_says_how_to_install(monkeypatch: pytest.MonkeyPat
         default_embedder_path()
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("magnitude", [1.0, 30.0, -1.0])
-def test_cpu_attention_matches_softmax_attention(magnitude: float) -> None:
-    """The NumPy attention core, with its unshifted-exp shortcut and both of its fallbacks
-    (scores too large; a row of very negative scores), against a float64 softmax."""
-    heads, head_dim, lengths = 4, 8, [7, 3, 0]
+def test_cpu_attention_matches_softmax_attention(magnitude: float, with_bias: bool) -> None:
+    """The NumPy attention core over packed sequences, with its unshifted-exp shortcut and both
+    of its fallbacks (scores too large; a row of very negative scores), against a float64
+    softmax; the q/k/v bias it adds too."""
+    heads, head_dim, lengths = 4, 8, [7, 3, 0, 5]
+    width = heads * head_dim
     rng = np.random.default_rng(0)
-    qkv = rng.standard_normal((len(lengths), 7, 3 * heads * head_dim)).astype(np.float32)
-    qkv[:, :, : heads * head_dim] *= abs(magnitude)  # scale queries: scores of that size
+    qkv = rng.standard_normal((sum(lengths), 3 * width)).astype(np.float32)
+    qkv[:, :width] *= abs(magnitude)  # scale queries: scores of that size
     scale = head_dim**-0.5
     if magnitude < 0:  # sequence 0: equal keys, and query 1 scores -200 on all of them
-        width = heads * head_dim
-        qkv[0, :, width : 2 * width] = 1.0
-        qkv[0, 1, :width] = -200.0 / (head_dim * scale)
-    ours = np.array(bert_attention.attention_context(mx.array(qkv), lengths, heads, scale))
-    assert not ours[2].any()  # an empty sequence
-    for row, n in enumerate(lengths[:2]):
-        x = qkv[row, :n].astype(np.float64).reshape(n, 3, heads, head_dim)
+        qkv[:7, width : 2 * width] = 1.0
+        qkv[1, :width] = -200.0 / (head_dim * scale)
+    bias = rng.standard_normal(3 * width).astype(np.float32) if with_bias else None
+    if bias is not None and magnitude < 0:
+        bias[: 2 * width] = 0.0  # keep the crafted scores: a value bias only
+    ours = np.array(
+        bert_attention.attention_context(
+            mx.array(qkv), None if bias is None else mx.array(bias), lengths, heads, scale
+        )
+    )
+    assert ours.shape == (sum(lengths), width)
+    start = 0
+    for n in lengths:
+        if n == 0:  # an empty sequence: nothing to attend, nothing written
+            continue
+        x = qkv[start : start + n].astype(np.float64) + (0.0 if bias is None else bias)
+        x = x.reshape(n, 3, heads, head_dim)
         q, k, v = (x[:, i].transpose(1, 0, 2) for i in range(3))
         scores = q @ k.transpose(0, 2, 1) * scale
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         expected = (probs / probs.sum(-1, keepdims=True)) @ v
         np.testing.assert_allclose(
-            ours[row, :n], expected.transpose(1, 0, 2).reshape(n, -1), rtol=1e-4, atol=1e-5
+            ours[start : start + n],
+            expected.transpose(1, 0, 2).reshape(n, -1),
+            rtol=1e-4,
+            atol=1e-5,
         )
-        assert not ours[row, n:].any()  # padded positions stay zero
+        start += n
 
 
-def test_cpu_residual_layer_norm_matches_mlx() -> None:
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_residual_layer_norm_matches_mlx(with_bias: bool) -> None:
     rng = np.random.default_rng(1)
     x, residual = (mx.array(rng.standard_normal((3, 5, 16)).astype(np.float32)) for _ in range(2))
-    weight, bias = (mx.array(rng.standard_normal(16).astype(np.float32)) for _ in range(2))
-    ours = bert_attention.residual_layer_norm(x, residual, weight, bias, 1e-12)
-    expected = mx.fast.layer_norm(x + residual, weight, bias, 1e-12)
+    weight, bias, extra = (mx.array(rng.standard_normal(16).astype(np.float32)) for _ in range(3))
+    residual_bias = extra if with_bias else None
+    ours = bert_attention.residual_layer_norm(x, residual, residual_bias, weight, bias, 1e-12)
+    summed = x + residual + extra if with_bias else x + residual
+    expected = mx.fast.layer_norm(summed, weight, bias, 1e-12)
     np.testing.assert_allclose(np.array(ours), np.array(expected), atol=1e-5)
+
+
+def test_packed_cpu_path_matches_the_padded_path(tiny_bert_path: Path) -> None:
+    """The CPU path (packed, NumPy attention, biases folded) against the padded MLX path other
+    devices take, on the same batch; padded positions come back as zeros."""
+    embedder = Embedder.load(tiny_bert_path, lanes=1)
+    texts = [*TEXTS, LONG]
+    rows = [embedder._truncating.encode(t).ids for t in texts]
+    length = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), length), dtype=np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    mask = mx.arange(length)[None, :] < mx.array([len(r) for r in rows])[:, None]
+    packed = np.array(embedder.model(mx.array(ids), mask))
+    with mx.stream(mx.new_stream(mx.cpu)):
+        x = embedder.model.embeddings(mx.array(ids), None)
+        additive = mx.where(mask, 0.0, -mx.inf)[:, None, None, :]
+        for layer in embedder.model.layers:
+            x = layer(x, bert.Mask(additive))
+        padded = np.array(x)
+    for i, r in enumerate(rows):
+        np.testing.assert_allclose(packed[i, : len(r)], padded[i, : len(r)], atol=2e-5)
+        assert not packed[i, len(r) :].any()
