@@ -223,4 +223,10 @@ class Services:
 
     def close(self) -> None:
         self.encoder.close()
+        # Models with threads or connections of their own (the MLX embedder's lanes, a remote
+        # embedder's client); the TextEmbedder protocol does not require a close.
+        for model in (self.embedder, self.reranker):
+            close = getattr(model, "close", None)
+            if callable(close):
+                close()
         self.models.close()
