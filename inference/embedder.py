@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference.bert import BertConfig, BertModel, load_weights, make_model
-from inference.blas import blas_threads_capped
-from inference.encoder_lanes import EncoderLanes
-from inference.numpy_pool import num_workers
+from inference.encoder_lanes import EncoderBatches
 
 import mlx.core as mx
 import numpy as np
@@ -30,10 +28,6 @@ from tokenizers import Tokenizer
 
 DEFAULT_BATCH_TOKENS = 2048  # padded tokens per forward pass; keeps activations cache-sized
 DEFAULT_MAX_BATCH = 64  # rows per forward pass, whatever their length
-# On a CPU, batches run on parallel lanes (encoder_lanes.py), one per core the BLAS may use up to
-# this many, each with cores // lanes BLAS threads: 2 lanes of 1 thread beat 1 lane of 2 threads
-# on this 2-core machine (~1.3x, `benchmarks/embed.py --lanes 1`); more lanes than 4 unmeasured.
-MAX_CPU_LANES = 4
 # MLX's buffer cache defaults to 32 MB on a Linux CPU; a forward pass needs a few hundred MB of
 # activations and every uncached buffer is fresh memory to fault in (1.7x slower end to end here).
 MIN_BUFFER_CACHE_BYTES = 1 << 30
@@ -134,10 +128,8 @@ class Embedder:
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
         self._lowercase = lowercase
-        if lanes is None:
-            lanes = min(MAX_CPU_LANES, num_workers()) if mx.default_device() == mx.cpu else 1
-        self.num_lanes = max(1, lanes)
-        self._lanes: EncoderLanes | None = None  # started by the first call with 2+ batches
+        self._runner = EncoderBatches(lanes)  # lanes None: one per core on a CPU (up to 4)
+        self.num_lanes = self._runner.num_lanes
         # Two copies of one tokenizer: untruncated for counting, truncating (and reporting the
         # overflow) for embedding; neither pads, batching pads.
         self._tokenizer = tokenizer
@@ -240,52 +232,23 @@ class Embedder:
         """Token-id rows (special tokens included, within max_tokens) -> float32 [n, dim]."""
         vectors = np.zeros((len(rows), self.dim), dtype=np.float32)
         lengths = [len(r) for r in rows]
-        if self.num_lanes > 1 and len(rows) > 1:
-            # Every lane gets work, and they end together: batches of at most 1/lanes of it.
-            total = sum(self._bucket(n) for n in lengths)
-            batches = list(self._batches(lengths, -(-total // self.num_lanes)))
-            if len(batches) > 1:
-                self._embed_on_lanes(rows, batches, vectors)
-                return vectors
-        pending: list[tuple[list[int], mx.array]] = []
-        for batch in self._batches(lengths):
-            pooled = self._forward([rows[i] for i in batch])
-            mx.async_eval(pooled)  # build the next batch's graph while this one runs
-            pending.append((batch, pooled))
-        for batch, pooled in pending:
-            vectors[batch] = np.asarray(pooled)
+        results = self._runner.run(
+            lambda cap: list(self._batches(lengths, cap)),
+            sum(self._bucket(n) for n in lengths),
+            lambda batch: self._forward([rows[i] for i in batch]),
+        )
+        for batch, pooled in results:
+            vectors[batch] = pooled
         return vectors
-
-    def _embed_on_lanes(
-        self, rows: list[list[int]], batches: list[list[int]], vectors: np.ndarray
-    ) -> None:
-        lanes = self._get_lanes()
-        share = max(1, num_workers() // lanes.num_lanes)  # each lane's cores
-
-        def embed_batch(batch: list[int]) -> np.ndarray:
-            return np.array(self._forward([rows[i] for i in batch]))
-
-        with blas_threads_capped(share):
-            pooled = lanes.map(embed_batch, batches)
-        for batch, batch_vectors in zip(batches, pooled, strict=True):
-            vectors[batch] = batch_vectors
 
     def close(self) -> None:
         """Stop the lane threads, if any ran (also done at interpreter exit)."""
-        if self._lanes is not None:
-            self._lanes.close()
-            self._lanes = None
+        self._runner.close()
 
     def _prepare(self, texts: list[str]) -> list[str]:
         if not isinstance(texts, list | tuple):
             raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
         return [t.lower() for t in texts] if self._lowercase else list(texts)
-
-    def _get_lanes(self) -> EncoderLanes:
-        if self._lanes is None:
-            share = max(1, num_workers() // self.num_lanes)
-            self._lanes = EncoderLanes(self.num_lanes, kernel_workers=share)
-        return self._lanes
 
     def _batches(self, lengths: list[int], batch_tokens: int | None = None) -> Iterator[list[int]]:
         return plan_batches(

@@ -7,9 +7,13 @@ others wait. Whole batches on parallel lanes, each with a one-core share of the 
 the NumPy kernels, keep every core busy: 2 lanes of 1 BLAS thread embed ~1.3x faster than one
 lane of 2 threads on a 2-core machine (`benchmarks/embed.py --lanes`).
 
+`EncoderBatches` is what the embedder and the cross-encoder use: several batches go to the
+lanes, split so that every lane gets an even share; one batch (a query) runs on the calling
+thread with every core's BLAS, as do all batches off a CPU (pipelined on one stream).
+
 A lane thread runs compiled MLX functions (the encoder's GELU), so `close` waits for the OS
 threads to be gone (`thread_exit.py`); lanes left open are closed at interpreter exit.
-Ignores: what a batch is, and models (the caller's function does the work).
+Ignores: what a batch holds and which model runs it (the caller's functions).
 """
 
 from __future__ import annotations
@@ -21,14 +25,64 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from inference.numpy_pool import set_thread_budget
+from inference.blas import blas_threads_capped
+from inference.numpy_pool import num_workers, set_thread_budget
 from inference.thread_exit import wait_os_thread_exit
 
 import mlx.core as mx
+import numpy as np
 
 T = TypeVar("T")
 R = TypeVar("R")
 _open_lanes: weakref.WeakSet[EncoderLanes] = weakref.WeakSet()
+# On a CPU, one lane per core the BLAS may use, up to this many, each with cores // lanes BLAS
+# threads: 2 lanes of 1 thread beat 1 lane of 2 threads on this project's 2-core machine
+# (embedding ~1.3x, ingest ~1.4x); more than 4 lanes is unmeasured.
+MAX_CPU_LANES = 4
+# Batch indices -> a lazy result; token cap (None: the encoder's own budget) -> batches.
+Forward = Callable[[list[int]], mx.array]
+Plan = Callable[[int | None], list[list[int]]]
+
+
+def default_num_lanes() -> int:
+    return min(MAX_CPU_LANES, num_workers()) if mx.default_device() == mx.cpu else 1
+
+
+class EncoderBatches:
+    """Runs an encoder's batches: on lanes when there are several lanes and batches, else on
+    the calling thread, each batch's graph built while the one before runs."""
+
+    def __init__(self, num_lanes: int | None = None):
+        self.num_lanes = max(1, default_num_lanes() if num_lanes is None else num_lanes)
+        self._lanes: EncoderLanes | None = None  # started by the first call that uses them
+
+    def run(
+        self, plan: Plan, padded_tokens: int, forward: Forward
+    ) -> list[tuple[list[int], np.ndarray]]:
+        """(batch, its result as float32 NumPy) for every batch of `plan`; padded_tokens: all
+        rows' padded lengths summed (to split the work evenly over the lanes)."""
+        if self.num_lanes > 1:
+            batches = plan(-(-padded_tokens // self.num_lanes))  # every lane gets work
+            if len(batches) > 1:
+                return list(zip(batches, self._on_lanes(batches, forward), strict=True))
+        pending = []
+        for batch in plan(None):
+            result = forward(batch)
+            mx.async_eval(result)  # build the next batch's graph while this one runs
+            pending.append((batch, result))
+        return [(batch, np.array(result.astype(mx.float32))) for batch, result in pending]
+
+    def close(self) -> None:
+        if self._lanes is not None:
+            self._lanes.close()
+            self._lanes = None
+
+    def _on_lanes(self, batches: list[list[int]], forward: Forward) -> list[np.ndarray]:
+        share = max(1, num_workers() // self.num_lanes)  # each lane's cores
+        if self._lanes is None:
+            self._lanes = EncoderLanes(self.num_lanes, kernel_workers=share)
+        with blas_threads_capped(share):
+            return self._lanes.map(lambda b: np.array(forward(b).astype(mx.float32)), batches)
 
 
 class EncoderLanes:

@@ -11,7 +11,8 @@ into token-budgeted batches (the embedder's `plan_batches`) and scored:
     num_labels == 1:  raw = logit                   score = sigmoid(raw)
     num_labels == 2:  raw = logit[1] - logit[0]     score = sigmoid(raw) = softmax(logits)[1]
 
-All MLX work happens on the calling thread. Ignores: retrieval, HTTP, what a score is used for,
+With several batches on a CPU they run on parallel lanes (`encoder_lanes.py`), else on the
+calling thread. Ignores: retrieval, HTTP, what a score is used for,
 and a folder's sentence-transformers activation setting (scores are always probabilities here; the
 raw logits are returned beside them).
 """
@@ -32,6 +33,7 @@ from inference.embedder import (
     ensure_buffer_cache,
     plan_batches,
 )
+from inference.encoder_lanes import EncoderBatches
 
 import mlx.core as mx
 import numpy as np
@@ -67,6 +69,7 @@ class CrossEncoder:
         max_tokens: int,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         max_batch: int = DEFAULT_MAX_BATCH,
+        lanes: int | None = None,
     ):
         config = model.config
         if config.num_labels not in (1, 2):
@@ -84,6 +87,7 @@ class CrossEncoder:
         self.max_tokens = max_tokens
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
+        self._runner = EncoderBatches(lanes)  # lanes None: one per core on a CPU (up to 4)
         # BERT embeds token types (query 0, document 1); RoBERTa-style models have one type row.
         self._use_token_types = config.type_vocab_size > 1
         self._pad_id = config.pad_token_id
@@ -102,6 +106,7 @@ class CrossEncoder:
         max_tokens: int | None = None,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         max_batch: int = DEFAULT_MAX_BATCH,
+        lanes: int | None = None,
     ) -> CrossEncoder:
         """Load a *ForSequenceClassification folder; `max_tokens` may only lower its limit."""
         folder = Path(path)
@@ -143,6 +148,7 @@ class CrossEncoder:
             max_tokens=max_tokens,
             batch_tokens=batch_tokens,
             max_batch=max_batch,
+            lanes=lanes,
         )
 
     def score(self, query: str, documents: list[str]) -> CrossEncoderScores:
@@ -152,25 +158,30 @@ class CrossEncoder:
         encodings = self._tokenizer.encode_batch([(query, d) for d in documents])
         lengths = [len(e.ids) for e in encodings]
         raw = np.zeros(len(documents), dtype=np.float32)
-        pending: list[tuple[list[int], mx.array]] = []
-        batches = plan_batches(
-            lengths,
-            max_tokens=self.max_tokens,
-            batch_tokens=self.batch_tokens,
-            max_batch=self.max_batch,
+        results = self._runner.run(
+            lambda cap: list(
+                plan_batches(
+                    lengths,
+                    max_tokens=self.max_tokens,
+                    batch_tokens=min(self.batch_tokens, cap or self.batch_tokens),
+                    max_batch=self.max_batch,
+                )
+            ),
+            sum(bucket_length(n, self.max_tokens) for n in lengths),
+            lambda rows: self._forward([encodings[i] for i in rows]),
         )
-        for rows in batches:
-            logits = self._forward([encodings[i] for i in rows])
-            mx.async_eval(logits)  # build the next batch's graph while this one runs
-            pending.append((rows, logits))
-        for rows, logits in pending:
-            raw[rows] = _raw_scores(np.asarray(logits))
+        for rows, logits in results:
+            raw[rows] = _raw_scores(logits)
         return CrossEncoderScores(
             raw=raw,
             scores=sigmoid(raw).tolist(),
             num_tokens=lengths,
             truncated=[bool(e.overflowing) for e in encodings],
         )
+
+    def close(self) -> None:
+        """Stop the lane threads, if any ran (also done at interpreter exit)."""
+        self._runner.close()
 
     def _forward(self, encodings: list[Encoding]) -> mx.array:
         """One right-padded batch of pairs -> logits [B, num_labels] fp32."""

@@ -150,6 +150,18 @@ def test_scores_do_not_depend_on_batch_neighbours(tiny_cross_encoder_path: Path)
     np.testing.assert_allclose(shuffled.raw[::-1], together.raw, atol=1e-5)
 
 
+def test_lanes_give_the_scores_of_one_thread(tiny_cross_encoder_path: Path) -> None:
+    one = CrossEncoder.load(tiny_cross_encoder_path, batch_tokens=48, lanes=1)
+    two = CrossEncoder.load(tiny_cross_encoder_path, batch_tokens=48, lanes=2)
+    documents = [*DOCUMENTS, LONG, "paris " * 9, "rome"] * 3
+    try:
+        a, b = one.score(QUERY, documents), two.score(QUERY, documents)
+    finally:
+        two.close()
+    np.testing.assert_allclose(b.raw, a.raw, atol=1e-6)
+    assert b.num_tokens == a.num_tokens and b.truncated == a.truncated
+
+
 # --- folders that are not cross-encoders ---------------------------------------------------------
 
 
