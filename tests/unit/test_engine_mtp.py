@@ -240,6 +240,52 @@ def test_prefix_cache_hit_then_lane(make_engine) -> None:
     assert last.speculation is not None and last.speculation.num_cycles > 0
 
 
+def _first_drafts(engine: Engine) -> list[tuple[np.ndarray, int]]:
+    """Wrap the lane's draft (our own object, for the test): each request's first draft
+    distributions and the head cache's length after it."""
+    lane = engine.mtp_lane
+    assert lane is not None
+    seen: dict[str, tuple[np.ndarray, int]] = {}
+    original = lane.draft
+
+    def record(state, depth: int) -> list[int]:
+        drafts = original(state, depth)
+        drafting = lane._drafting[state.request_id]
+        assert drafting.draft_probs is not None
+        seen.setdefault(state.request_id, (drafting.draft_probs.copy(), len(state.token_ids)))
+        return drafts
+
+    lane.draft = record  # type: ignore[method-assign]
+    return seen  # type: ignore[return-value]
+
+
+def test_a_prefix_cache_hit_gives_the_head_its_prompt_context_back(make_engine) -> None:
+    # A random head drafts from its whole context: after a hit, its first drafts must be the
+    # ones a full prefill gives (a head reading the uncached tail only drafts otherwise).
+    shared = (*PROMPTS[2][:32], 7, 9, 11, 13)  # shares 32 tokens with PROMPTS[2]
+    sampled = SamplingParams(temperature=1.0, seed=5)  # whole distributions, same first token
+
+    def first_draft_probs(prompts, **config) -> tuple[list[np.ndarray], list]:
+        engine = make_engine(head="random", mtp_depth=1, prefix_cache_block_size=8, **config)
+        seen = _first_drafts(engine)
+        lasts = [
+            run(engine, request(prompt, 8, sampled, generation_mode="mtp"))[1] for prompt in prompts
+        ]
+        return [q for q, _ in seen.values()], lasts
+
+    cold, _ = first_draft_probs([PROMPTS[2], shared], prefix_cache_ram_bytes=0)
+    warm, lasts = first_draft_probs([PROMPTS[2], PROMPTS[2], shared])
+    assert [last.usage.cached_tokens for last in lasts] == [0, 39, 32]
+    np.testing.assert_allclose(warm[1], cold[0], atol=1e-5)  # the same prompt again
+    np.testing.assert_allclose(warm[2], cold[1], atol=1e-5)  # a prompt with the same start
+    engine = make_engine(head="random", mtp_depth=1, prefix_cache_block_size=8)
+    engine.mtp_lane.head_prefixes.max_bytes = 0  # stores nothing: the old behaviour
+    seen = _first_drafts(engine)
+    run(engine, request(PROMPTS[2], 8, sampled, generation_mode="mtp"))
+    run(engine, request(shared, 8, sampled, generation_mode="mtp"))
+    assert not np.allclose(list(seen.values())[1][0], cold[1], atol=1e-3)
+
+
 def test_depth_policy_falls_back_when_speculation_does_not_pay() -> None:
     policy = DepthPolicy(3)
     assert policy.choose(room=50) == 0  # no plain step timed yet
