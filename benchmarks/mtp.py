@@ -14,7 +14,9 @@ load (adaptive depth, and fixed D1..D3 at batch 1) against the same engine with 
 1, 4 and 16 concurrent streams (`mtp_engine` lines: decode tok/s per stream, aggregate tok/s,
 the share of tokens the lane committed and the acceptance). One engine per mode serves every
 round, as a server does, so the adaptive policy keeps what earlier rounds measured (the first
-round warms up). Seeded T=0.6 requests ask for
+round warms up). `--workload rag` gives the engine section the appliance's own prompts instead:
+the RAG prompt (`rag.prompt`: system prompt, numbered sources, question) over ~600 tokens of
+`examples/docs`, a new question and passage window every round. Seeded T=0.6 requests ask for
 generation_mode "mtp" (in "auto" a seeded sampled request keeps plain decoding). Per mode and setting one JSON line: time to first token
 (prefill), decode tok/s after the first token (p50 and p99 over repeats), ratio to `ar`, and for
 the lane the acceptance per depth and tokens per cycle. Then one line of pass costs: a trunk
@@ -28,6 +30,7 @@ numbers show the lane's overhead.
     .venv/bin/python benchmarks/mtp.py                       # default chat model, ~a minute
     .venv/bin/python benchmarks/mtp.py --model PATH --tokens 128 --repeats 5
     .venv/bin/python benchmarks/mtp.py --section engine --concurrency 1,4,16
+    .venv/bin/python benchmarks/mtp.py --section engine --concurrency 1 --workload rag
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -61,6 +65,18 @@ SETTINGS = {
     "t0.6_p0.95_k20": SamplingParams(temperature=0.6, top_p=0.95, top_k=20, seed=0),
 }
 PROMPT = "Explain how a hash table handles collisions, with an example in Python."
+RAG_DOCS = ("visitor-guide.md", "history.txt")  # plain-text files of examples/docs
+RAG_QUESTIONS = (
+    "When are the public observing nights held?",
+    "What should visitors bring with them?",
+    "Who founded the observatory, and when?",
+    "What happens to an event when the sky is cloudy?",
+    "How can I get to the observatory without a car?",
+    "Which telescopes can visitors look through?",
+    "What are the rules for children?",
+    "How did the observatory change over the years?",
+)
+RAG_PROMPT_TOKENS = 600
 
 
 def time_tokens(tokens: Iterator[int], num_tokens: int) -> tuple[float, float]:
@@ -232,12 +248,44 @@ def engine_round(
     }
 
 
+def rag_prompt(tokenizer, index: int) -> list[int]:
+    """The appliance's RAG prompt: question `index` over a window of example passages."""
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path[:1]:
+        sys.path.insert(0, str(repo))  # the `rag` package, not benchmarks/rag.py beside us
+    from rag.prompt import Passage, assemble_prompt
+
+    docs = repo / "examples" / "docs"
+    paragraphs = [
+        (name, text.strip())
+        for name in RAG_DOCS
+        for text in (docs / name).read_text(encoding="utf-8").split("\n\n")
+        if len(text.split()) >= 12
+    ]
+    start = (5 * index) % len(paragraphs)
+    window = (paragraphs + paragraphs)[start : start + 12]
+    passages = [
+        Passage(chunk_id=start + rank, text=text, source=name, rank=rank)
+        for rank, (name, text) in enumerate(window)
+    ]
+    prompt = assemble_prompt(
+        RAG_QUESTIONS[index % len(RAG_QUESTIONS)],
+        passages,
+        count_tokens=lambda text: len(tokenizer.encode(text)),
+        max_prompt_tokens=RAG_PROMPT_TOKENS,
+    )
+    return list(tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True))
+
+
 def run_engine_section(model, tokenizer, head: MTPHead, prompt_text: str, common: dict, args):
     """The served lane vs the lane off, per concurrency, modes alternating within repeats."""
 
     def prompts_of(round_index: int, concurrency: int) -> list[list[int]]:
-        # New text every round: a prefix-cache hit would skip the prefill whose hiddens the
-        # head reads, and this section measures the lane, not the cache.
+        # New text every round: this section measures the lane, not the prefix cache.
+        if args.workload == "rag":
+            return [
+                rag_prompt(tokenizer, round_index * concurrency + i) for i in range(concurrency)
+            ]
         return [
             list(
                 tokenizer.apply_chat_template(
@@ -314,6 +362,12 @@ def main() -> None:
     )
     parser.add_argument("--section", choices=("decoders", "engine", "all"), default="all")
     parser.add_argument(
+        "--workload",
+        choices=("chat", "rag"),
+        default="chat",
+        help="engine section prompts: a short chat question, or the appliance's RAG prompt",
+    )
+    parser.add_argument(
         "--concurrency",
         type=lambda text: [int(x) for x in text.split(",")],
         default=[1, 4, 16],
@@ -342,6 +396,8 @@ def main() -> None:
         "tokens": args.tokens,
         "device": str(mx.default_device()),
     }
+    if args.workload == "rag":
+        common.update(workload="rag", prompt_tokens=len(rag_prompt(tokenizer, 0)))
     if args.section in ("engine", "all"):
         run_engine_section(model, tokenizer, head, PROMPT, common, args)
     if args.section == "engine":
