@@ -18,17 +18,9 @@ import numpy as np
 import pytest
 
 from tests.fixtures.tiny_bert import MAX_SEQ_LENGTH
+from tests.unit.test_embedder import TEXTS as EMBEDDER_TEXTS
 
-TEXTS = [
-    "the capital of france is paris",
-    "",
-    "Retrieval augmented generation grounds answers in documents, chunk by chunk.",
-    "café é 日本 🙂 zzz!",
-    "a",
-    "the index of the local machine answers the query " * 3,
-    "paris " * 7,
-    "rome",
-] * 5
+TEXTS = [*EMBEDDER_TEXTS, "paris " * 7, "rome"] * 5
 
 
 def test_map_keeps_input_order_and_runs_on_the_lanes() -> None:
