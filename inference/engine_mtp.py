@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from inference.backend import SpeculationStats
 from inference.engine_requests import RequestState
 from inference.head_prefix_store import HeadPrefixStore
-from inference.mtp_decode import MAX_DEPTH, AcceptFn, Trunk
+from inference.mtp_decode import MAX_DEPTH, AcceptFn, Trunk, draft_distribution
 from inference.mtp_head import MTPHead
 from inference.sampling import compute_probs
 from inference.speculative import (
@@ -363,10 +363,9 @@ class MTPLane:
             if j:
                 embedded = self.trunk.embed(draft_ids[-1:])
                 hidden = self.head(embedded, hidden, drafting.head_cache)
-            logits = self.trunk.draft_logits(hidden, self.head.draft_ids)[0]
-            q = np.array(
-                compute_probs(logits, [state.sampling], [prompt], [state.output_ids + draft_ids])
-            )[0]
+            q = draft_distribution(
+                self.trunk, self.head, hidden, state.sampling, prompt, state.output_ids + draft_ids
+            )
             draft_ids.append(draw(q, keyed_uniform(state.seed, n + 1 + j, Purpose.DRAFT)))
             rows.append(q)
         drafting.drafts = draft_ids

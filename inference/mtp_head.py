@@ -109,20 +109,27 @@ class MTPHead(nn.Module):
         self.norm = nn.RMSNorm(hidden_size, eps=eps)
         self.config = config
         self._draft_ids: mx.array | None = None  # underscore: not a parameter, never trained
+        self._draft_ids_host: np.ndarray | None = None  # the same ids, for host-side scatters
 
     @property
     def draft_ids(self) -> mx.array | None:
         """(V',) sorted int32 token ids the head drafts from; None drafts from the whole vocab."""
         return self._draft_ids
 
+    @property
+    def draft_ids_host(self) -> np.ndarray | None:
+        """draft_ids as a NumPy int64 array (None drafts from the whole vocab)."""
+        return self._draft_ids_host
+
     def set_draft_ids(self, token_ids: Sequence[int] | mx.array | None) -> None:
         if token_ids is None:
-            self._draft_ids = None
+            self._draft_ids = self._draft_ids_host = None
             return
         ids = sorted({int(t) for t in np.array(token_ids).reshape(-1).tolist()})
         if not ids or ids[0] < 0:
             raise ValueError(f"draft ids must be non-empty and >= 0, got {len(ids)} ids")
         self._draft_ids = mx.array(ids, dtype=mx.int32)
+        self._draft_ids_host = np.array(ids, dtype=np.int64)
 
     def __call__(self, embeddings: mx.array, hiddens: mx.array, cache: list[KVCache]) -> mx.array:
         """(B, L, H) embeddings of x_{t+1} and trunk hiddens h_t -> (B, L, H) head outputs."""

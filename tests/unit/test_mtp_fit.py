@@ -12,7 +12,7 @@ from pathlib import Path
 
 import inference  # noqa: F401  (BLAS before mlx)
 from inference import mtp_head
-from inference.mtp_decode import MTPDecoder, Trunk, decode_plain
+from inference.mtp_decode import MTPDecoder, Trunk, decode_plain, draft_distribution
 from inference.mtp_fit import (
     FitConfig,
     evaluate_teacher_forced,
@@ -38,7 +38,7 @@ from inference.mtp_head import (
     read_sidecar_info,
     sidecar_path,
 )
-from inference.sampling import SamplingParams
+from inference.sampling import SamplingParams, compute_probs
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -162,6 +162,31 @@ def test_a_draft_vocabulary_keeps_decoding_exact(trunk: Trunk):
     np.testing.assert_allclose(
         rows[np.array(head.draft_ids)], full[np.array(head.draft_ids)], rtol=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.6, top_p=0.95, top_k=20),
+        SamplingParams(temperature=1.0, top_k=500),  # k beyond the draft vocabulary
+        SamplingParams(temperature=0.8, top_p=0.9, min_p=0.05),
+        SamplingParams(temperature=1.3),
+        SamplingParams(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5),
+    ],
+    ids=["greedy", "top_k_top_p", "big_k", "top_p_min_p", "dense", "penalties"],
+)
+def test_draft_distribution_equals_the_full_vocabulary_transform(trunk: Trunk, params):
+    # The sub-vocabulary shortcut must give the very q the full -inf-padded logits give.
+    head = init_head(trunk, FitConfig(seed=1), draft_ids=list(range(1, 320, 3)))
+    hidden = mx.random.normal((1, 1, 64), key=mx.random.key(4)) * 3
+    prompt, output = [5, 9, 14, 9], [14, 31, 9]
+    logits = trunk.draft_logits(hidden, head.draft_ids)[0]
+    want = np.array(compute_probs(logits, [params], [prompt], [output]))[0]
+    got = draft_distribution(trunk, head, hidden, params, prompt, output)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert got[np.setdiff1d(np.arange(trunk.vocab_size), head.draft_ids_host)].sum() == 0
 
 
 def test_fitted_sidecar_round_trips_and_is_loaded(trunk: Trunk, llama_dir: Path, samples, tmp_path):
