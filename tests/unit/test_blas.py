@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPORT = (
     "import json, inference, dataclasses; from inference.blas import blas_status;"
     "print(json.dumps(dataclasses.asdict(blas_status())))"
@@ -41,14 +43,47 @@ def test_mlx_imported_first_is_reported() -> None:
     assert not status["optimized"] and "imported before" in status["detail"]
 
 
-def test_default_discovery_loads_openblas_when_installed() -> None:
-    from inference.blas import _candidates
+def test_default_discovery_prefers_mkl_then_openblas() -> None:
+    from inference.blas import _candidates, _mkl_candidates
 
     status = _status_with(None)
     if not _candidates():
         assert not status["optimized"] and "no OpenBLAS found" in status["detail"]
+    elif _mkl_candidates():
+        assert status["optimized"] and status["name"] == "mkl" and "threading" in status["detail"]
     else:
         assert status["optimized"] and status["name"] == "openblas"
+
+
+def test_an_openblas_path_loads_openblas_with_its_thread_control() -> None:
+    from inference.blas import _SYSTEM_CANDIDATES
+
+    path = next((p for p in _SYSTEM_CANDIDATES if os.path.exists(p)), None)
+    if path is None:
+        pytest.skip("no system OpenBLAS")
+    code = (
+        "import inference; from inference.blas import blas_status, blas_threads, "
+        "blas_threads_capped as cap\n"
+        "with cap(1): inside = blas_threads()\n"
+        "print(blas_status().name, inside)"
+    )
+    env = {**os.environ, "RAG_BLAS_LIBRARY": path}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["openblas", "1"], out.stderr
+
+
+def test_mkl_is_taken_only_on_intel_cpus(monkeypatch, tmp_path) -> None:
+    from inference import blas
+
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libmkl_rt.so.2").touch()
+    monkeypatch.setattr(blas.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(blas.sys, "base_prefix", str(tmp_path))
+    vendor = {"vendor_id": "GenuineIntel"}
+    monkeypatch.setattr(blas, "_cpuinfo_field", lambda name: vendor.get(name, ""))
+    assert blas._mkl_candidates() == [str(tmp_path / "lib" / "libmkl_rt.so.2")]
+    vendor["vendor_id"] = "AuthenticAMD"
+    assert blas._mkl_candidates() == []
 
 
 def test_coretype_follows_cpu_flags() -> None:
