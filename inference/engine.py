@@ -624,7 +624,7 @@ class Engine:
                 continue
             depth = lane.choose_depth(state)
             if depth:
-                depth = len(lane.draft(state, depth))  # may stop short of the chosen depth
+                lane.draft(state, depth)
                 self._scheduler.set_lookahead(request_id, depth)
                 drafted[request_id] = depth
         return drafted

@@ -67,20 +67,6 @@ _DECAY = 0.97  # per observation: acceptance and costs follow the recent text an
 _PRIOR = (1.0, 2.0)  # pseudo-counts (accepted, reached): an untried depth looks 50% likely
 
 
-# Adaptive depth drafts past draft j only while P(drafts 1..j all stand) >= CONTINUE_REACH: a
-# draft costs a head step and a verify row (~0.13 of a decode step on a CPU) and pays when the
-# tokens it is expected to add, reach x its own acceptance (~0.55), beat that share of the
-# lane's ~1.8 tokens per step. Decisions read only the head's output: drafts stay exact.
-CONTINUE_REACH = 0.45
-
-
-def estimated_acceptance(confidence: float) -> float:
-    """P(a draft stands) from the head's raw top probability. Measured for SmolLM2's fitted head
-    (teacher-forced, 12 chat answers, T 0 and T 0.6 alike): 0.1 -> 0.2, 0.3 -> 0.4, 0.5 -> 0.6,
-    0.7 -> 0.75, >= 0.8 -> 0.97."""
-    return min(1.0, confidence + 0.15)
-
-
 class DepthPolicy:
     """Chooses the draft depth: argmax over D of expected tokens per cycle / measured cost."""
 
@@ -373,23 +359,18 @@ class MTPLane:
         draft_ids: list[int] = []
         rows: list[np.ndarray] = []
         prompt = state.request.prompt_ids
-        reach = 1.0  # estimated P(every draft so far stands)
         for j in range(depth):
             if j:
-                if self.policy.fixed_depth is None and reach < CONTINUE_REACH:
-                    break  # a deeper draft would rarely be reached: not worth its cost
                 embedded = self.trunk.embed(draft_ids[-1:])
                 hidden = self.head(embedded, hidden, drafting.head_cache)
-            drafted = draft_distribution(
+            q = draft_distribution(
                 self.trunk, self.head, hidden, state.sampling, prompt, state.output_ids + draft_ids
             )
-            q = drafted.probs
             draft_ids.append(draw(q, keyed_uniform(state.seed, n + 1 + j, Purpose.DRAFT)))
             rows.append(q)
-            reach *= estimated_acceptance(drafted.confidence)
         drafting.drafts = draft_ids
         drafting.draft_probs = np.stack(rows)
-        self.policy.observe_head(len(draft_ids), time.perf_counter() - started - caught_up_s)
+        self.policy.observe_head(depth, time.perf_counter() - started - caught_up_s)
         return draft_ids
 
     def _restore_prompt_context(self, state: RequestState, drafting: _Drafting) -> None:

@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import inference  # noqa: F401  (loads the BLAS before mlx)
-from inference import engine_mtp
 from inference.backend import GenerationChunk, GenerationRequest
 from inference.engine import Engine, EngineConfig, StepRecord
 from inference.engine_mtp import (
@@ -411,61 +410,6 @@ def test_broken_acceptance_rule_is_caught_in_the_engine(make_engine, model) -> N
     assert engine.mtp_lane is not None
     engine.mtp_lane.accept = skip_residual
     assert engine_p_value(engine, model, 3, num_draws=240) < 1e-6
-
-
-def _stop_about_half(confidence: float) -> float:
-    """A stand-in acceptance estimate: 1 or 0 by the head's confidence alone, so about half the
-    cycles stop after a draft, decided by the head's output and nothing else."""
-    return float(int(confidence * 1e6) % 2)
-
-
-def _drafting_adaptively_to(engine: Engine, depth: int) -> None:
-    """The adaptive lane, its depth pinned at `depth` (room permitting): early stops still apply."""
-    assert engine.mtp_lane is not None and engine.mtp_lane.policy.fixed_depth is None
-    engine.mtp_lane.policy.choose = lambda room: max(0, min(depth, room - 1))  # type: ignore[method-assign]
-
-
-def test_adaptive_drafting_stops_early_and_keeps_greedy_output(make_engine, monkeypatch) -> None:
-    want = plain_outputs(make_engine, 24)
-    monkeypatch.setattr(engine_mtp, "estimated_acceptance", _stop_about_half)
-    records: list[StepRecord] = []
-    engine = make_engine(on_step=records.append, mtp_depth=None)
-    _drafting_adaptively_to(engine, 3)
-    for prompt_ids, expected in zip(PROMPTS, want, strict=True):
-        assert run(engine, request(prompt_ids, 24))[0] == expected
-    widths = Counter(i.num_lookahead_tokens for r in records for i in r.items)
-    assert widths[1] and widths[3], f"drafts per step: {widths}"
-    # Sure drafts go on (the echo head is sure): the pinned depth is drafted in full.
-    monkeypatch.setattr(engine_mtp, "estimated_acceptance", lambda confidence: 1.0)
-    records.clear()
-    assert run(engine, request(PROMPTS[0], 24))[0] == want[0]
-    widths = Counter(
-        i.num_lookahead_tokens for r in records for i in r.items if i.num_lookahead_tokens
-    )
-    assert widths[3] >= 4 and widths[1] + widths[2] <= 1, widths  # short only where room ends
-
-
-def test_adaptive_early_stops_keep_the_sampled_distribution(make_engine, model, monkeypatch):
-    monkeypatch.setattr(engine_mtp, "estimated_acceptance", _stop_about_half)
-    records: list[StepRecord] = []
-    engine = make_engine(
-        on_step=records.append, mtp_depth=None, mtp_max_requests=64, max_num_seqs=64
-    )
-    _drafting_adaptively_to(engine, 2)
-    counts: Counter[tuple[int, ...]] = Counter()
-    for start in range(0, 240, 60):
-        handles = [
-            engine.submit(request(PROMPT, 5, replace(SAMPLED, seed=seed), generation_mode="mtp"))
-            for seed in range(start, start + 60)
-        ]
-        for handle in handles:
-            counts[tuple(t for c in handle for t in c.token_ids)[:3]] += 1
-    widths = Counter(i.num_lookahead_tokens for r in records for i in r.items)
-    assert widths[1] and widths[2], f"drafts per step: {widths}"
-    exact = exact_distribution(model, PROMPT, SAMPLED, 3)
-    outcomes = sorted(exact.keys() | counts.keys())
-    observed = np.array([counts[o] for o in outcomes])
-    assert chi_square_p_value(observed, np.array([exact.get(o, 0.0) for o in outcomes])) > 1e-3
 
 
 def test_verify_chunk_logits_and_rollback_match_step_by_step(model) -> None:
