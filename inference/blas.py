@@ -30,6 +30,7 @@ BLAS_ENV_VAR = "RAG_BLAS_LIBRARY"  # a path to a libopenblas-like .so, or "none"
 # mkl_set_threading_layer values: Intel's OpenMP ships beside the `mkl` wheel; GNU's is a fallback.
 _MKL_THREADING = (("libiomp5.so", 0), ("libgomp.so.1", 3))
 _MKL_SEQUENTIAL = 1
+MKL_HINT = "on this Intel CPU, Intel MKL decodes ~1.4x faster: the mkl extra (scripts/setup.sh installs it)"
 
 # Debian's packages first (libopenblas0-pthread / -openmp / -serial), then other common places.
 _SYSTEM_CANDIDATES = (
@@ -159,7 +160,10 @@ def preload_blas() -> BlasStatus:
             )
             return _status
         coretype = os.environ.get("OPENBLAS_CORETYPE", "auto-detected")
-        _status = BlasStatus("openblas", path, True, f"preloaded before mlx.core, core {coretype}")
+        detail = f"preloaded before mlx.core, core {coretype}"
+        if not requested and _cpuinfo_field("vendor_id") == "GenuineIntel":
+            detail += f"; {MKL_HINT}"  # MKL would have been found first
+        _status = BlasStatus("openblas", path, True, detail)
         return _status
     hint = (
         "install Debian's libopenblas0-pthread (the set-up script does) "

@@ -53,6 +53,10 @@ def test_default_discovery_prefers_mkl_then_openblas() -> None:
         assert status["optimized"] and status["name"] == "mkl" and "threading" in status["detail"]
     else:
         assert status["optimized"] and status["name"] == "openblas"
+        from inference.blas import MKL_HINT, _cpuinfo_field
+
+        # On an Intel CPU without MKL, `rag doctor` says what would be faster.
+        assert (MKL_HINT in status["detail"]) == (_cpuinfo_field("vendor_id") == "GenuineIntel")
 
 
 def test_an_openblas_path_loads_openblas_with_its_thread_control() -> None:
