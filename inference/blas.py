@@ -30,7 +30,7 @@ BLAS_ENV_VAR = "RAG_BLAS_LIBRARY"  # a path to a libopenblas-like .so, or "none"
 # mkl_set_threading_layer values: Intel's OpenMP ships beside the `mkl` wheel; GNU's is a fallback.
 _MKL_THREADING = (("libiomp5.so", 0), ("libgomp.so.1", 3))
 _MKL_SEQUENTIAL = 1
-MKL_HINT = "on this Intel CPU, Intel MKL decodes ~1.4x faster: the mkl extra (scripts/setup.sh installs it)"
+MKL_HINT = "Intel MKL decodes ~1.4x faster on this CPU: the mkl extra (setup.sh installs it)"
 
 # Debian's packages first (libopenblas0-pthread / -openmp / -serial), then other common places.
 _SYSTEM_CANDIDATES = (
