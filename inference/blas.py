@@ -7,8 +7,8 @@ so it imports nothing heavy and never imports mlx itself.
 
 On an Intel CPU, Intel MKL from the `mkl` wheel (the `mkl` extra) is preferred when installed:
 decoding multiplies 1-4 rows by each weight matrix, where OpenBLAS 0.3.21 packs the whole
-matrix per call and MKL streams it (SmolLM2's 210 layer GEMMs: 47 -> 21 ms at 1 row, 66 -> 28
-ms at 3 rows).
+matrix per call and MKL streams it (SmolLM2-135M's 120 layer GEMMs, 424 MB of fp32 weights:
+47 -> 21 ms at 1 row, 66 -> 28 ms at 3 rows, on 2 cores).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def preload_blas() -> BlasStatus:
             continue
         if hasattr(library, "MKL_Set_Threading_Layer"):
             _status = BlasStatus(
-                "mkl", path, True, f"preloaded before mlx.core, {_init_mkl(library)}"
+                "mkl", path, True, f"preloaded before mlx.core, {_init_mkl(library, path)}"
             )
             return _status
         coretype = os.environ.get("OPENBLAS_CORETYPE", "auto-detected")
@@ -175,7 +175,7 @@ def preload_blas() -> BlasStatus:
     return _status
 
 
-def _init_mkl(library: ctypes.CDLL) -> str:
+def _init_mkl(library: ctypes.CDLL, path: str) -> str:
     """Pick MKL's threading layer before its first call (a layer it cannot load is a fatal
     error inside MKL, not an exception) and describe the library."""
     layer = os.environ.get("MKL_THREADING_LAYER")
@@ -183,7 +183,7 @@ def _init_mkl(library: ctypes.CDLL) -> str:
         layer_id, layer = _MKL_SEQUENTIAL, "sequential"
         for runtime, candidate_id in _MKL_THREADING:
             try:
-                ctypes.CDLL(os.path.join(os.path.dirname(library._name), runtime))
+                ctypes.CDLL(os.path.join(os.path.dirname(path), runtime))
             except OSError:
                 try:
                     ctypes.CDLL(runtime)

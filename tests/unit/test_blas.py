@@ -76,6 +76,24 @@ def test_an_openblas_path_loads_openblas_with_its_thread_control() -> None:
     assert out.stdout.split() == ["openblas", "1"], out.stderr
 
 
+def test_mkl_keeps_the_users_threading_layer_and_its_thread_control() -> None:
+    from inference.blas import _mkl_candidates
+
+    if not _mkl_candidates():
+        pytest.skip("no MKL wheel installed on an Intel CPU")
+    code = (
+        "import inference; from inference.blas import blas_status, blas_threads, "
+        "blas_threads_capped as cap\n"
+        "with cap(1): inside = blas_threads()\n"
+        "import mlx.core as mx; a = mx.ones((64, 64)); assert (a @ a)[0, 0].item() == 64\n"
+        "print(blas_status().detail.rsplit(' ', 1)[-1], inside)"
+    )
+    env = {**os.environ, "MKL_THREADING_LAYER": "SEQUENTIAL"}
+    env.pop("RAG_BLAS_LIBRARY", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["SEQUENTIAL", "1"], out.stderr
+
+
 def test_mkl_is_taken_only_on_intel_cpus(monkeypatch, tmp_path) -> None:
     from inference import blas
 
