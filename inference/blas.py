@@ -88,10 +88,14 @@ def _cpu_flags() -> set[str]:
     return set(_cpuinfo_field("flags").split())
 
 
+def _intel_cpu() -> bool:
+    return _cpuinfo_field("vendor_id") == "GenuineIntel"
+
+
 def _mkl_candidates() -> list[str]:
     """MKL's single dynamic library from the `mkl` wheel, on Intel CPUs only (elsewhere its
     generic kernels are no better than OpenBLAS's)."""
-    if _cpuinfo_field("vendor_id") != "GenuineIntel":
+    if not _intel_cpu():
         return []
     found: list[str] = []
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
@@ -161,7 +165,7 @@ def preload_blas() -> BlasStatus:
             return _status
         coretype = os.environ.get("OPENBLAS_CORETYPE", "auto-detected")
         detail = f"preloaded before mlx.core, core {coretype}"
-        if not requested and _cpuinfo_field("vendor_id") == "GenuineIntel":
+        if not requested and _intel_cpu():
             detail += f"; {MKL_HINT}"  # MKL would have been found first
         _status = BlasStatus("openblas", path, True, detail)
         return _status
