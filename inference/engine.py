@@ -564,16 +564,12 @@ class Engine:
         if lane_open:
             assert lane is not None
             capture = frozenset(s.request_id for s in states if not s.output_ids and lane.allows(s))
+        pending = {s.request_id: s.pending for s in states if s.pending is not None}
+        for request_id in verified:
+            assert lane is not None and request_id not in pending
+            pending[request_id] = lane.pending_drafts(request_id)
         out = self._runner.execute(
-            step,
-            {
-                state.request_id: state.token_ids + lane.drafts(state.request_id)
-                if lane is not None and state.request_id in verified
-                else state.token_ids
-                for state in states
-            },
-            {s.request_id: s.pending for s in states if s.pending is not None},
-            capture=capture,
+            step, {state.request_id: state.token_ids for state in states}, pending, capture=capture
         )
         num_rows = len(out.request_ids) - sum(verified.values())
         assert len(set(out.request_ids)) == num_rows, "one token per request per step"

@@ -174,9 +174,9 @@ class ModelRunner:
     ) -> RunOutput:
         """Build the step's forward passes lazily; the caller evaluates them.
 
-        token_ids[request] holds the request's known tokens (a speculative chunk's drafts
-        included); pending[request], when present, is its next token still being sampled (a lazy
-        scalar), so a step can be built before the previous one has finished. The requests in
+        token_ids[request] holds the request's known tokens; pending[request], when present, its
+        next tokens still being computed (lazy): the token the step in flight samples, so a step
+        can be built before the previous one has finished, or a verify chunk's drafts. The requests in
         `capture` get every hidden state of their chunk in RunOutput.captured.
         """
         pending = pending or {}
@@ -260,20 +260,23 @@ def _inputs(
         known = token_ids[item.request_id]
         end = item.start_position + item.num_tokens
         tokens = list(known[item.start_position : end])
-        if len(tokens) < item.num_tokens:
-            # Only the newest token can still be pending (sampled by the step in flight).
-            assert end == len(known) + 1 and item.request_id in pending, (
+        missing = item.num_tokens - len(tokens)
+        if missing:
+            # Only the newest tokens can still be pending: sampled by the step in flight, or
+            # drafts a verify chunk takes from the device.
+            lazy = pending.get(item.request_id)
+            assert lazy is not None and end == len(known) + missing <= len(known) + lazy.size, (
                 f"{item.request_id}: token ids end before the chunk"
             )
-            pending_rows.append(row)
-            pending_cols.append(len(tokens))
-            pending_tokens.append(pending[item.request_id])
-            tokens.append(PAD_TOKEN_ID)
+            pending_rows += [row] * missing
+            pending_cols += range(len(tokens), item.num_tokens)
+            pending_tokens.append(lazy.reshape(-1)[:missing])
+            tokens += [PAD_TOKEN_ID] * missing
         rows.append(tokens + [PAD_TOKEN_ID] * (length - item.num_tokens))
     if not pending_rows:
         return mx.array(rows, dtype=mx.int32)
-    values = pending_tokens[0] if len(pending_tokens) == 1 else mx.stack(pending_tokens)
-    values = values.reshape(-1).astype(mx.int32)
+    values = pending_tokens[0] if len(pending_tokens) == 1 else mx.concatenate(pending_tokens)
+    values = values.astype(mx.int32)
     if length == 1 and len(pending_rows) == len(group):
         return values[:, None]  # the all-decode pass: the sampled tokens are the inputs
     inputs = mx.array(rows, dtype=mx.int32)

@@ -306,15 +306,18 @@ def seeded_uniforms(seeds: Sequence[int], positions: Sequence[int], *, stream: i
     return mx.array(values, dtype=mx.float32)
 
 
-def sample(probs: mx.array, seeds: Sequence[int], positions: Sequence[int]) -> mx.array:
-    """Draw one token per row by inverse CDF; positions[i] is where row i's token will sit.
+def sample(
+    probs: mx.array, seeds: Sequence[int], positions: Sequence[int], *, stream: int = 0
+) -> mx.array:
+    """Draw one token per row by inverse CDF; positions[i] is where row i's token will sit, and
+    stream the uniform stream (`seeded_uniforms`; a speculative drafter's is not plain decoding's).
 
     A one-hot row (temperature 0) always gives its hot index.
     """
     cdf = mx.cumsum(probs, axis=-1)
     totals = cdf[:, -1:]
     # Scale u by the row's total so fp32 rounding of the CDF cannot bias the draw.
-    targets = seeded_uniforms(seeds, positions)[:, None] * totals
+    targets = seeded_uniforms(seeds, positions, stream=stream)[:, None] * totals
     tokens = mx.sum(cdf <= targets, axis=-1)
     # Where rounding still lands past the end: the last token that adds mass to the CDF.
     last = mx.sum(cdf < totals, axis=-1)

@@ -24,6 +24,7 @@ from inference.engine_mtp import (
     DepthPolicy,
     verify_rows,
 )
+from inference.mtp_head import MTPHead
 from inference.sampling import SamplingParams
 from inference.stopping import StopParams
 
@@ -62,20 +63,38 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     return load(str(folder))[1]
 
 
+def echo_head_on_a_draft_vocabulary(model: nn.Module) -> MTPHead:
+    """The echo head drafting from two thirds of the vocabulary, as fitted heads do: its
+    distributions come from the device over those columns only."""
+    head = echo_head(model)
+    head.set_draft_ids([t for t in range(model.args.vocab_size) if t % 3])
+    return head
+
+
 @pytest.fixture
 def make_engine(model, tokenizer) -> Iterator[Callable[..., Engine]]:
     engines: list[Engine] = []
 
     def make(
-        head: str | None = "echo", on_step: Callable[[StepRecord], None] | None = None, **config
+        head: str | None = "echo",
+        on_step: Callable[[StepRecord], None] | None = None,
+        on_device: bool | None = None,  # where the lane draws its drafts (None: by device)
+        **config,
     ) -> Engine:
         for engine in engines:  # one engine thread at a time on the shared model
             engine.close()
-        mtp_head = {"echo": echo_head, "random": random_head, None: lambda m: None}[head](model)
+        mtp_head = {
+            "echo": echo_head,
+            "echo_vocab": echo_head_on_a_draft_vocabulary,
+            "random": random_head,
+            None: lambda m: None,
+        }[head](model)
         engine = Engine(
             model, tokenizer, config=EngineConfig(**config), mtp_head=mtp_head, on_step=on_step
         )
         engines.append(engine)
+        if on_device is not None and engine.mtp_lane is not None:
+            engine.mtp_lane.draws_on_device = on_device
         return engine
 
     yield make
@@ -100,10 +119,11 @@ def plain_outputs(make_engine, num_tokens: int) -> list[list[int]]:
     return [run(engine, request(p, num_tokens))[0] for p in PROMPTS]
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host_draws", "device_draws"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_greedy_lane_equals_plain_decoding(make_engine, depth) -> None:
+def test_greedy_lane_equals_plain_decoding(make_engine, depth, on_device) -> None:
     want = plain_outputs(make_engine, 24)
-    engine = make_engine(mtp_depth=depth)
+    engine = make_engine(mtp_depth=depth, on_device=on_device)
     for prompt_ids, expected in zip(PROMPTS, want, strict=True):
         got, last = run(engine, request(prompt_ids, 24))
         assert got == expected
@@ -112,6 +132,31 @@ def test_greedy_lane_equals_plain_decoding(make_engine, depth) -> None:
         assert stats.mtp_tokens + stats.batch_tokens == 24
         assert stats.num_cycles > 0 and stats.num_accepted > 0  # the echo head drafts well
         assert stats.max_depth == depth
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host_draws", "device_draws"])
+def test_a_draft_vocabulary_keeps_greedy_output(make_engine, on_device) -> None:
+    want = plain_outputs(make_engine, 24)
+    engine = make_engine(head="echo_vocab", mtp_depth=3, on_device=on_device)
+    for prompt_ids, expected in zip(PROMPTS, want, strict=True):
+        got, last = run(engine, request(prompt_ids, 24))
+        assert got == expected
+        stats = last.speculation
+        assert stats is not None and 0 < stats.num_accepted < stats.num_drafted
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host_draws", "device_draws"])
+@pytest.mark.parametrize("head", ["echo", "echo_vocab"])
+def test_penalties_keep_greedy_output(make_engine, head, on_device) -> None:
+    """Penalties read the drafts before them (the host waits for each): the same tokens."""
+    penalized = SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.5)
+    engine = make_engine(head=None)
+    want = [run(engine, request(p, 24, penalized))[0] for p in PROMPTS]
+    engine = make_engine(head=head, mtp_depth=3, on_device=on_device)
+    for prompt_ids, expected in zip(PROMPTS, want, strict=True):
+        got, last = run(engine, request(prompt_ids, 24, penalized))
+        assert got == expected
+        assert last.speculation is not None and last.speculation.num_cycles > 0
 
 
 def test_adaptive_depth_keeps_greedy_output(make_engine) -> None:
@@ -248,11 +293,10 @@ def _first_drafts(engine: Engine) -> list[tuple[np.ndarray, int]]:
     seen: dict[str, tuple[np.ndarray, int]] = {}
     original = lane.draft
 
-    def record(state, depth: int) -> list[int]:
+    def record(state, depth: int):
         drafts = original(state, depth)
-        drafting = lane._drafting[state.request_id]
-        assert drafting.draft_probs is not None
-        seen.setdefault(state.request_id, (drafting.draft_probs.copy(), len(state.token_ids)))
+        probs = lane.draft_distributions(state.request_id)
+        seen.setdefault(state.request_id, (probs, len(state.token_ids)))
         return drafts
 
     lane.draft = record  # type: ignore[method-assign]
@@ -363,11 +407,15 @@ def test_engine_from_path_without_a_head_has_no_lane(tmp_path: Path) -> None:
         assert len(tokens) == 3 and last.speculation is None
 
 
-def test_several_requests_can_share_the_lane(make_engine) -> None:
-    """mtp_max_requests=2: two requests verify their drafts in the same steps."""
+@pytest.mark.parametrize("on_device", [False, True], ids=["host_draws", "device_draws"])
+def test_several_requests_can_share_the_lane(make_engine, on_device) -> None:
+    """mtp_max_requests=2: two requests verify their drafts in the same steps (drawn on the
+    device, both chunks' drafts are lazy inputs of one pass)."""
     want = plain_outputs(make_engine, 16)
     records: list[StepRecord] = []
-    engine = make_engine(on_step=records.append, mtp_depth=2, mtp_max_requests=2)
+    engine = make_engine(
+        on_step=records.append, mtp_depth=2, mtp_max_requests=2, on_device=on_device
+    )
     handles = [engine.submit(request(p, 16)) for p in PROMPTS[:2]]
     outputs = [[t for c in h for t in c.token_ids] for h in handles]
     assert outputs == want[:2]
@@ -399,14 +447,28 @@ def engine_p_value(engine: Engine, model, depth: int, num_draws: int) -> float:
     return chi_square_p_value(observed, np.array([exact.get(o, 0.0) for o in outcomes]))
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host_draws", "device_draws"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_lane_samples_follow_plain_decodings_distribution(make_engine, model, depth) -> None:
-    engine = make_engine(mtp_depth=depth, mtp_max_requests=64, max_num_seqs=64)
+def test_lane_samples_follow_plain_decodings_distribution(
+    make_engine, model, depth, on_device
+) -> None:
+    engine = make_engine(mtp_depth=depth, mtp_max_requests=64, max_num_seqs=64, on_device=on_device)
     assert engine_p_value(engine, model, depth, num_draws=240) > 1e-3
 
 
-def test_broken_acceptance_rule_is_caught_in_the_engine(make_engine, model) -> None:
-    engine = make_engine(mtp_depth=3, mtp_max_requests=64, max_num_seqs=64)
+@pytest.mark.parametrize("on_device", [False, True], ids=["host_draws", "device_draws"])
+def test_lane_samples_on_a_draft_vocabulary_follow_plain_decoding(
+    make_engine, model, on_device
+) -> None:
+    engine = make_engine(
+        head="echo_vocab", mtp_depth=2, mtp_max_requests=64, max_num_seqs=64, on_device=on_device
+    )
+    assert engine_p_value(engine, model, 2, num_draws=240) > 1e-3
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host_draws", "device_draws"])
+def test_broken_acceptance_rule_is_caught_in_the_engine(make_engine, model, on_device) -> None:
+    engine = make_engine(mtp_depth=3, mtp_max_requests=64, max_num_seqs=64, on_device=on_device)
     assert engine.mtp_lane is not None
     engine.mtp_lane.accept = skip_residual
     assert engine_p_value(engine, model, 3, num_draws=240) < 1e-6
