@@ -66,9 +66,10 @@ from inference.engine_types import (
 )
 from inference.fused_attention import fuse_attention_layers
 from inference.fused_mlp import fuse_swiglu_mlps
+from inference.head_prefix_ssd import DEFAULT_HEAD_PREFIX_SSD_BYTES, HeadPrefixSSD
 from inference.model_fingerprint import fingerprint_model_dir, parameters_dtype
 from inference.model_settings import read_model_settings
-from inference.mtp_head import MTPHead, load_head
+from inference.mtp_head import MTPHead, fingerprint_head, load_head
 from inference.paths import data_dir
 from inference.prefix_cache import (
     PrefixCache,
@@ -246,7 +247,7 @@ class Engine:
             self._mtp_off = "the model's logits are not a projection of its final hidden states"
         else:
             try:
-                return MTPLane(
+                lane = MTPLane(
                     model,
                     head,
                     max_requests=config.mtp_max_requests,
@@ -254,6 +255,19 @@ class Engine:
                 )
             except ValueError as exc:
                 self._mtp_off = str(exc)
+            else:
+                prefix_cache = self._prefix_cache
+                if prefix_cache is not None and prefix_cache.has_ssd:
+                    # The head's context over prompts, beside the trunk's blocks (their lock).
+                    ssd_dir = prefix_cache.config.ssd_dir
+                    assert ssd_dir is not None
+                    head_fingerprint = fingerprint_head(head)
+                    lane.head_prefixes.ssd = HeadPrefixSSD(
+                        ssd_dir / "mtp-head" / head_fingerprint,
+                        head_fingerprint,
+                        min(DEFAULT_HEAD_PREFIX_SSD_BYTES, config.prefix_cache_ssd_bytes // 4),
+                    )
+                return lane
         log.info("MTP lane off for %s: %s", self._model_name, self._mtp_off)
         return None
 
@@ -449,6 +463,8 @@ class Engine:
                 self._prefix.spill_finished()  # a clean close: the last answers' blocks too
             if self._prefix_cache is not None:
                 self._prefix_cache.close()  # finishes the queued SSD writes
+            if self._mtp is not None:
+                self._mtp.head_prefixes.close()  # and the head's
 
     def _take_inbox(self, *, wait: bool) -> bool:
         """Step 1: admit new requests and drop cancelled ones; False once closing."""

@@ -11,7 +11,9 @@ reads: the head's context is what a full prefill would have given it.
 
 Kept in RAM, LRU under a byte budget; an entry that a longer prompt extends is replaced by it.
 Small: ~3.8 KB a token for SmolLM2 (one head layer's KV and one hidden; the trunk's KV is 46 KB),
-so the default budget holds ~17k prompt tokens.
+so the default budget holds ~17k prompt tokens. With an SSD tier (`ssd`, head_prefix_ssd.py)
+every entry is also written to disk, and a RAM miss is looked up there: after a restart the
+trunk's prefix cache is restored from SSD, and so is the head's context over the same prompts.
 
 Ignores: the trunk's KV (prefix_cache.py), and when the lane stores and restores (engine_mtp.py).
 """
@@ -21,6 +23,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from inference.head_prefix_ssd import HeadPrefixSSD
+from inference.kv_ssd_format import HostTensor
 
 import mlx.core as mx
 import numpy as np
@@ -44,6 +49,7 @@ class HeadPrefixStore:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self.num_bytes = 0
+        self.ssd: HeadPrefixSSD | None = None  # the engine attaches one with its SSD cache
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -66,16 +72,26 @@ class HeadPrefixStore:
         ]
         kept_hiddens = hiddens[:, :num_tokens]
         mx.eval(layers, kept_hiddens)  # copies of just these positions, not views of the caches
-        size = kept_hiddens.nbytes + sum(k.nbytes + v.nbytes for k, v in layers)
+        if self._keep(ids, layers, kept_hiddens) and self.ssd is not None:
+            self.ssd.write(
+                ids, _to_host(kept_hiddens), [(_to_host(k), _to_host(v)) for k, v in layers]
+            )
+
+    def _keep(
+        self, ids: np.ndarray, layers: list[tuple[mx.array, mx.array]], hiddens: mx.array
+    ) -> bool:
+        """Into RAM, if it fits the budget at all."""
+        size = hiddens.nbytes + sum(k.nbytes + v.nbytes for k, v in layers)
         if size > self.max_bytes:
-            return
+            return False
         for old_key, old in list(self._entries.items()):  # entries this one extends go
             if len(old.tokens) <= len(ids) and np.array_equal(old.tokens, ids[: len(old.tokens)]):
                 self._drop(old_key)
-        self._entries[key] = _Entry(ids, layers, kept_hiddens, size)
+        self._entries[ids.tobytes()] = _Entry(ids, layers, hiddens, size)
         self.num_bytes += size
         while self.num_bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
+        return True
 
     def restore(
         self, tokens: Sequence[int], num_cached: int, caches: Sequence[KVCache]
@@ -86,17 +102,57 @@ class HeadPrefixStore:
         if num_cached < 2 or len(tokens) < num_cached or any(c.offset for c in caches):
             return None
         need = np.asarray(tokens[:num_cached], dtype=np.int32)
+        entry = self._find(need)
+        if entry is None or len(entry.layers) != len(caches):
+            return None
+        for cache, (keys, values) in zip(caches, entry.layers, strict=True):
+            # Slices are new arrays: the cache's writes never reach the entry.
+            cache.keys = keys[..., : num_cached - 1, :]
+            cache.values = values[..., : num_cached - 1, :]
+            cache.offset = num_cached - 1
+        return entry.hiddens[:, :num_cached]
+
+    def _find(self, need: np.ndarray) -> _Entry | None:
+        """The entry whose prompt starts with `need`: from RAM, else from SSD into RAM."""
         for key in reversed(self._entries):
             entry = self._entries[key]
-            if len(entry.tokens) >= num_cached and np.array_equal(entry.tokens[:num_cached], need):
+            if len(entry.tokens) >= len(need) and np.array_equal(entry.tokens[: len(need)], need):
                 self._entries.move_to_end(key)
-                for cache, (keys, values) in zip(caches, entry.layers, strict=True):
-                    # Slices are new arrays: the cache's writes never reach the entry.
-                    cache.keys = keys[..., : num_cached - 1, :]
-                    cache.values = values[..., : num_cached - 1, :]
-                    cache.offset = num_cached - 1
-                return entry.hiddens[:, :num_cached]
-        return None
+                return entry
+        found = None if self.ssd is None else self.ssd.find(need)
+        if found is None:
+            return None
+        ids, tensors = found
+        layers = [
+            (_from_host(tensors[f"keys.{i}"]), _from_host(tensors[f"values.{i}"]))
+            for i in range(sum(1 for name in tensors if name.startswith("keys.")))
+        ]
+        hiddens = _from_host(tensors["hiddens"])
+        if not self._keep(ids, layers, hiddens):
+            return _Entry(ids, layers, hiddens, 0)  # too big for RAM: used once
+        return self._entries[ids.tobytes()]
+
+    def close(self) -> None:
+        """Finish the queued SSD writes."""
+        if self.ssd is not None:
+            self.ssd.close()
+            self.ssd = None
 
     def _drop(self, key: bytes) -> None:
         self.num_bytes -= self._entries.pop(key).num_bytes
+
+
+_HOST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}
+
+
+def _to_host(array: mx.array) -> HostTensor:
+    """An evaluated array's bits for the SSD file (numpy has no bfloat16: it travels as uint16)."""
+    code = _HOST_DTYPES[array.dtype]
+    if array.dtype == mx.bfloat16:
+        array = array.view(mx.uint16)
+    return HostTensor(code, np.array(array))
+
+
+def _from_host(tensor: HostTensor) -> mx.array:
+    array = mx.array(tensor.array)
+    return array.view(mx.bfloat16) if tensor.dtype == "BF16" else array

@@ -32,6 +32,7 @@ Ignores: drafting, acceptance, sampling and fitting a head.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -144,6 +145,25 @@ class MTPHead(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
+
+
+def fingerprint_head(head: MTPHead) -> str:
+    """32 hex digits naming the head's weights, draft vocabulary and config (what its cached
+    context depends on besides the trunk)."""
+    digest = hashlib.blake2b(digest_size=16)
+    config = head.config
+    described = [config.kind, config.hidden_source, dict(config.block_args)]
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    arrays = dict(tree_flatten(head.parameters()))
+    if head.draft_ids is not None:
+        arrays[DRAFT_IDS_KEY] = head.draft_ids
+    for name in sorted(arrays):
+        array = arrays[name]
+        if array.dtype == mx.bfloat16:
+            array = array.view(mx.uint16)  # numpy has no bfloat16: hash the bits
+        digest.update(f"\0{name}\0{array.dtype}\0{array.shape}\0".encode())
+        digest.update(np.array(array).tobytes())
+    return digest.hexdigest()
 
 
 def text_model(model: nn.Module) -> nn.Module:

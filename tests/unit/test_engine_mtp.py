@@ -24,7 +24,7 @@ from inference.engine_mtp import (
     DepthPolicy,
     verify_rows,
 )
-from inference.mtp_head import MTPHead
+from inference.mtp_head import MTPHead, fingerprint_head
 from inference.sampling import SamplingParams
 from inference.stopping import StopParams
 
@@ -79,6 +79,7 @@ def make_engine(model, tokenizer) -> Iterator[Callable[..., Engine]]:
         head: str | None = "echo",
         on_step: Callable[[StepRecord], None] | None = None,
         on_device: bool | None = None,  # where the lane draws its drafts (None: by device)
+        model_fingerprint: str | None = None,  # names an SSD prefix cache (None: RAM only)
         **config,
     ) -> Engine:
         for engine in engines:  # one engine thread at a time on the shared model
@@ -90,7 +91,12 @@ def make_engine(model, tokenizer) -> Iterator[Callable[..., Engine]]:
             None: lambda m: None,
         }[head](model)
         engine = Engine(
-            model, tokenizer, config=EngineConfig(**config), mtp_head=mtp_head, on_step=on_step
+            model,
+            tokenizer,
+            config=EngineConfig(**config),
+            mtp_head=mtp_head,
+            on_step=on_step,
+            model_fingerprint=model_fingerprint,
         )
         engines.append(engine)
         if on_device is not None and engine.mtp_lane is not None:
@@ -328,6 +334,44 @@ def test_a_prefix_cache_hit_gives_the_head_its_prompt_context_back(make_engine) 
     run(engine, request(PROMPTS[2], 8, sampled, generation_mode="mtp"))
     run(engine, request(shared, 8, sampled, generation_mode="mtp"))
     assert not np.allclose(list(seen.values())[1][0], cold[1], atol=1e-3)
+
+
+def test_the_heads_prompt_context_comes_back_from_ssd_after_a_restart(
+    make_engine, tmp_path: Path
+) -> None:
+    # A new engine on the same folder: the trunk's blocks and the head's context over the
+    # prompt both come from SSD, so the first drafts are the ones a full prefill gives.
+    shared = (*PROMPTS[2][:32], 7, 9, 11, 13)
+    sampled = SamplingParams(temperature=1.0, seed=5)
+    ssd = {"prefix_cache_block_size": 8, "prefix_cache_dir": tmp_path, "model_fingerprint": "m1"}
+
+    def first_drafts(engine: Engine, prompt) -> tuple[np.ndarray, GenerationChunk]:
+        seen = _first_drafts(engine)
+        _, last = run(engine, request(prompt, 8, sampled, generation_mode="mtp"))
+        (probs, _), *_ = seen.values()
+        return probs, last
+
+    cold, _ = first_drafts(
+        make_engine(head="random", mtp_depth=1, prefix_cache_ram_bytes=0), shared
+    )
+    first = make_engine(head="random", mtp_depth=1, **ssd)
+    run(first, request(PROMPTS[2], 8, sampled, generation_mode="mtp"))
+    first.close()  # finishes the queued writes, the head's included
+    assert list((tmp_path / "m1" / "mtp-head").glob("*/*.safetensors"))
+
+    second = make_engine(head="random", mtp_depth=1, **ssd)
+    warm, last = first_drafts(second, shared)
+    assert last.usage.cached_tokens == 32
+    np.testing.assert_allclose(warm, cold, atol=1e-5)
+
+
+def test_the_head_fingerprint_names_the_weights(model) -> None:
+    # The head's SSD folder: another head's context must never be restored.
+    assert fingerprint_head(random_head(model)) == fingerprint_head(random_head(model))
+    assert fingerprint_head(random_head(model)) != fingerprint_head(echo_head(model))
+    assert fingerprint_head(echo_head(model)) != fingerprint_head(
+        echo_head_on_a_draft_vocabulary(model)
+    )
 
 
 def test_depth_policy_falls_back_when_speculation_does_not_pay() -> None:
