@@ -168,8 +168,7 @@ def _top_k_probs(
     logits: mx.array, top_k: int, params: Sequence[SamplingParams]
 ) -> tuple[mx.array, mx.array]:
     """(rows, vocab) -> the top_k token ids and their probabilities after top_p and min_p."""
-    vocab_size = logits.shape[1]
-    token_ids = mx.argpartition(logits, vocab_size - top_k, axis=-1)[:, vocab_size - top_k :]
+    token_ids = top_k_ids(logits, top_k)
     values = mx.take_along_axis(logits, token_ids, axis=-1)
     values = values / mx.array([p.temperature for p in params])[:, None]
     order = mx.argsort(-values, axis=-1)  # descending: top_p needs the mass of a prefix
@@ -180,6 +179,19 @@ def _top_k_probs(
     keep = keep & (probs >= min_p * probs[:, :1])
     probs = mx.where(keep, probs, 0.0)
     return token_ids, probs / mx.sum(probs, axis=-1, keepdims=True)
+
+
+def top_k_ids(logits: mx.array, top_k: int) -> mx.array:
+    """(rows, vocab) -> (rows, top_k) int32 ids of each row's top_k logits, in no set order.
+    On a CPU device NumPy selects them: its argpartition is ~10x MLX's there (0.28 against
+    2.9 ms for 3 x 49,152 logits), and the host waits for the logits anyway (MLX's CPU
+    evaluation runs only a few operations ahead of the caller)."""
+    vocab_size = logits.shape[1]
+    first = vocab_size - top_k
+    if mx.default_device() == mx.cpu:
+        host = np.asarray(logits)
+        return mx.array(np.argpartition(host, first, axis=-1)[:, first:].astype(np.int32))
+    return mx.argpartition(logits, first, axis=-1)[:, first:]
 
 
 def _dense_probs(logits: mx.array, params: Sequence[SamplingParams]) -> mx.array:

@@ -12,6 +12,7 @@ from inference.sampling import (
     make_seed,
     sample,
     seeded_uniforms,
+    top_k_ids,
 )
 
 import mlx.core as mx
@@ -406,3 +407,14 @@ def test_logprobs_are_raw_model_logprobs_with_sorted_top_n() -> None:
 
 def test_logprobs_skipped_when_no_row_asks() -> None:
     assert compute_logprobs(mx.array([LOG_PROBS]), [0], [SamplingParams()]) == [None]
+
+
+@pytest.mark.parametrize("top_k", [1, 20, 999])
+def test_top_k_ids_are_mlx_argpartitions_choice(top_k: int) -> None:
+    # On a CPU device NumPy picks them: the same set of ids as MLX's own argpartition.
+    logits = mx.random.normal((3, 1000), key=mx.random.key(top_k)) * 4
+    got = np.sort(np.array(top_k_ids(logits, top_k)), axis=1)
+    first = 1000 - top_k
+    want = np.sort(np.array(mx.argpartition(logits, first, axis=-1)[:, first:]), axis=1)
+    np.testing.assert_array_equal(got, want)
+    assert top_k_ids(logits, top_k).dtype == mx.int32
