@@ -66,6 +66,8 @@ from inference.engine_types import (
 )
 from inference.fused_attention import fuse_attention_layers
 from inference.fused_mlp import fuse_swiglu_mlps
+from inference.fused_norm import fuse_rms_norms
+from inference.fused_rope import fuse_rope
 from inference.head_prefix_ssd import DEFAULT_HEAD_PREFIX_SSD_BYTES, HeadPrefixSSD
 from inference.model_fingerprint import fingerprint_model_dir, parameters_dtype
 from inference.model_settings import read_model_settings
@@ -413,7 +415,8 @@ class Engine:
 
     def _fuse_activations(self) -> None:
         """On a CPU device, SwiGLU activations and attention softmax in fused loops (~10% of a
-        16-row decode step, half of a long prompt's attention).
+        16-row decode step, half of a long prompt's attention), RMSNorm and RoPE as a few fused
+        operations instead of MLX's CPU fallback graphs (~20% of a one-row decode step).
 
         Here, on the engine thread, before any step: the swap's probe evaluates arrays, and an
         MLX 0.32 process aborts at exit when a thread's first evaluation follows the main
@@ -422,9 +425,12 @@ class Engine:
         modules = [self._runner.model] + ([head] if head is not None else [])
         num_mlps = sum(fuse_swiglu_mlps(module) for module in modules)
         num_attention = sum(fuse_attention_layers(module) for module in modules)
-        if num_mlps or num_attention:
-            log.info("%s: fused CPU activations in %d MLPs and softmax in %d attention layers",
-                     self._model_name, num_mlps, num_attention)  # fmt: skip
+        num_norms = sum(fuse_rms_norms(module) for module in modules)
+        num_ropes = sum(fuse_rope(module) for module in modules)
+        if num_mlps or num_attention or num_norms or num_ropes:
+            log.info("%s: fused CPU activations in %d MLPs, softmax in %d attention layers, "
+                     "%d RMSNorms and %d RoPEs", self._model_name, num_mlps, num_attention,
+                     num_norms, num_ropes)  # fmt: skip
 
     def _run(self) -> None:
         error: GenerationError = EngineClosedError(f"engine {self._model_name} was closed")

@@ -3,7 +3,7 @@
 The swap replaces submodules of a loaded model (`update_modules`, as `nn.quantize` does);
 mlx-lm's code is untouched. A class is swapped only if the replacement gives its output on a
 random input, so a later mlx-lm whose class computes something else is left alone (warned).
-`fused_mlp.py` and `fused_attention.py` use it.
+`fused_mlp.py`, `fused_attention.py`, `fused_norm.py` and `fused_rope.py` use it.
 """
 
 from __future__ import annotations
