@@ -7,8 +7,8 @@
 
 The prompt's token ids travel in the header's metadata (base64 int32), so start-up reads only
 headers to know what is on disk; a restore reads one file and checks it whole (checksums,
-fingerprint, key). Writes run on a writer thread, temp file -> fsync -> rename -> fsync folder,
-so a crash leaves at worst a temp file, deleted at the next start; a file that fails its checks
+fingerprint, key). Writes run on a writer thread, durably (durable_file.py), so a crash leaves
+at worst a temp file, deleted at the next start; a file that fails its checks
 is a miss and is deleted. Least recently used files go past the byte budget (a restore touches
 its file's mtime, so the order survives restarts). The folder sits inside the trunk's SSD
 prefix-cache folder, whose lock (kv_ssd.py) makes one engine its only user.
@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference.durable_file import TEMP_SUFFIX, write_durably
 from inference.kv_ssd_format import HostTensor, decode_block, encode_block
 
 import numpy as np
@@ -128,7 +129,7 @@ class HeadPrefixSSD:
         """Index the files by their headers (oldest mtime first); leftovers of a crash go."""
         found: list[tuple[float, str, _OnDisk]] = []
         for path in self.folder.iterdir():
-            if path.name.endswith(".tmp"):
+            if path.name.endswith(TEMP_SUFFIX):
                 path.unlink(missing_ok=True)
                 continue
             if not path.name.endswith(_SUFFIX):
@@ -180,15 +181,7 @@ class HeadPrefixSSD:
         size = sum(len(part) for part in parts)
         if size > self.max_bytes:
             return
-        path = self.folder / (key + _SUFFIX)
-        temp = path.with_name(path.name + ".tmp")
-        with open(temp, "wb") as file:
-            for part in parts:
-                file.write(part)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-        _fsync_dir(self.folder)
+        write_durably(self.folder / (key + _SUFFIX), parts)
         with self._lock:
             extended = [
                 old_key
@@ -232,11 +225,3 @@ def _header_tokens(path: Path, key: str, fingerprint: str) -> np.ndarray:
     if prompt_key(tokens) != key:
         raise ValueError("token ids do not match the file's key")
     return tokens
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference.durable_file import TEMP_SUFFIX, write_durably
 from inference.kv_blocks import BlockIndex, prefix_closed
 from inference.kv_ssd_format import FORMAT_VERSION, HostTensor, decode_block, encode_block
 
@@ -469,14 +470,7 @@ class SSDTier:
             return
         path = self._path(write.key)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as f:
-            for chunk in encode_block(write.metadata, write.tensors):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        write_durably(path, encode_block(write.metadata, write.tensors))
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute(
@@ -502,13 +496,5 @@ class SSDTier:
                 continue
             for file in sub.iterdir():
                 name = file.name
-                if name.endswith(".tmp") or name.removesuffix(".safetensors") not in on_disk:
+                if name.endswith(TEMP_SUFFIX) or name.removesuffix(".safetensors") not in on_disk:
                     file.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
