@@ -258,20 +258,25 @@ class Engine:
             except ValueError as exc:
                 self._mtp_off = str(exc)
             else:
-                prefix_cache = self._prefix_cache
-                if prefix_cache is not None and prefix_cache.has_ssd:
-                    # The head's context over prompts, beside the trunk's blocks (their lock).
-                    ssd_dir = prefix_cache.config.ssd_dir
-                    assert ssd_dir is not None
-                    head_fingerprint = fingerprint_head(head)
-                    lane.head_prefixes.ssd = HeadPrefixSSD(
-                        ssd_dir / "mtp-head" / head_fingerprint,
-                        head_fingerprint,
-                        min(DEFAULT_HEAD_PREFIX_SSD_BYTES, config.prefix_cache_ssd_bytes // 4),
-                    )
+                lane.head_prefixes.ssd = self._make_head_prefix_ssd(head)
                 return lane
         log.info("MTP lane off for %s: %s", self._model_name, self._mtp_off)
         return None
+
+    def _make_head_prefix_ssd(self, head: MTPHead) -> HeadPrefixSSD | None:
+        """The head's context over prompts on SSD, beside the trunk's blocks (under their lock),
+        when the prefix cache has an SSD tier."""
+        prefix_cache = self._prefix_cache
+        if prefix_cache is None or not prefix_cache.has_ssd:
+            return None
+        ssd_dir = prefix_cache.config.ssd_dir
+        assert ssd_dir is not None
+        head_fingerprint = fingerprint_head(head)
+        return HeadPrefixSSD(
+            ssd_dir / "mtp-head" / head_fingerprint,
+            head_fingerprint,
+            min(DEFAULT_HEAD_PREFIX_SSD_BYTES, self.config.prefix_cache_ssd_bytes // 4),
+        )
 
     @property
     def mtp_lane(self) -> MTPLane | None:

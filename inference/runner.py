@@ -176,8 +176,8 @@ class ModelRunner:
 
         token_ids[request] holds the request's known tokens; pending[request], when present, its
         next tokens still being computed (lazy): the token the step in flight samples, so a step
-        can be built before the previous one has finished, or a verify chunk's drafts. The requests in
-        `capture` get every hidden state of their chunk in RunOutput.captured.
+        can be built before the previous one has finished, or a verify chunk's drafts. The
+        requests in `capture` get every hidden state of their chunk in RunOutput.captured.
         """
         pending = pending or {}
         captured: dict[str, mx.array] = {}
