@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from inference.head_prefix_ssd import HeadPrefixSSD
+from inference.host_tensor import host_tensor
 from inference.kv_ssd_format import HostTensor
 
 import mlx.core as mx
@@ -73,9 +74,10 @@ class HeadPrefixStore:
         kept_hiddens = hiddens[:, :num_tokens]
         mx.eval(layers, kept_hiddens)  # copies of just these positions, not views of the caches
         if self._keep(ids, layers, kept_hiddens) and self.ssd is not None:
-            self.ssd.write(
-                ids, _to_host(kept_hiddens), [(_to_host(k), _to_host(v)) for k, v in layers]
-            )
+            host_hiddens = host_tensor(kept_hiddens)
+            host_layers = [(host_tensor(k), host_tensor(v)) for k, v in layers]
+            if host_hiddens is not None and all(k and v for k, v in host_layers):
+                self.ssd.write(ids, host_hiddens, host_layers)  # type: ignore[arg-type]
 
     def _keep(
         self, ids: np.ndarray, layers: list[tuple[mx.array, mx.array]], hiddens: mx.array
@@ -140,17 +142,6 @@ class HeadPrefixStore:
 
     def _drop(self, key: bytes) -> None:
         self.num_bytes -= self._entries.pop(key).num_bytes
-
-
-_HOST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}
-
-
-def _to_host(array: mx.array) -> HostTensor:
-    """An evaluated array's bits for the SSD file (numpy has no bfloat16: it travels as uint16)."""
-    code = _HOST_DTYPES[array.dtype]
-    if array.dtype == mx.bfloat16:
-        array = array.view(mx.uint16)
-    return HostTensor(code, np.array(array))
 
 
 def _from_host(tensor: HostTensor) -> mx.array:

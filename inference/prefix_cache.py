@@ -35,20 +35,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference.host_tensor import host_tensor
 from inference.kv_blocks import DEFAULT_BLOCK_SIZE, BlockIndex, block_keys, chain_key, common_length
 from inference.kv_ssd import SSDTier
 from inference.kv_ssd_format import HostTensor
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.models.cache import KVCache
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RAM_BYTES = 1 << 30  # ~23k tokens of SmolLM2-135M fp32, ~7k of an 8B model in bf16
 DEFAULT_SSD_BYTES = 8 << 30
-_HOST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}
 
 
 @dataclass(frozen=True)
@@ -380,14 +379,11 @@ class PrefixCache:
             if block is None or entry is None or self._ssd.holds(key):
                 continue  # evicted from RAM meanwhile, or on SSD already
             mx.eval(block.keys, block.values)  # computed by now: a no-op that makes sure
-            dtype = _HOST_DTYPES.get(block.keys.dtype)
-            if dtype is None:
+            keys, values = host_tensor(block.keys), host_tensor(block.values)
+            if keys is None or values is None:
                 log.warning("prefix cache: no SSD format for %s KV", block.keys.dtype)
                 return
-            tensors = {
-                "keys": HostTensor(dtype, _to_numpy(block.keys)),
-                "values": HostTensor(dtype, _to_numpy(block.values)),
-            }
+            tensors = {"keys": keys, "values": values}
             self._ssd.write(key, entry.parent, tensors, len(block.token_ids), block.token_ids)
 
     def release(self, owner: str) -> None:
@@ -451,13 +447,6 @@ class PrefixCache:
 def disabled_stats(reason: str, block_size: int = DEFAULT_BLOCK_SIZE) -> PrefixCacheStats:
     """The stats of an engine without a prefix cache."""
     return PrefixCacheStats(False, block_size, *([0] * 14), disabled_reason=reason)
-
-
-def _to_numpy(array: mx.array) -> np.ndarray:
-    """A view of an evaluated array's memory (blocks never change once stored)."""
-    if array.dtype == mx.bfloat16:
-        array = array.view(mx.uint16)  # numpy has no bfloat16: keep the bits
-    return np.asarray(memoryview(array))
 
 
 @dataclass(frozen=True)
